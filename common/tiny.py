@@ -27,6 +27,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+EMBEDDING_STD = 0.1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 
@@ -67,7 +68,12 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden_s
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config)
+    # With the default init (std 0.02) tied embeddings cap every logit near +-1.3, so a LoRA, which cannot
+    # touch the embeddings, could never make the model confident. A wider spread lets adapters learn.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, EMBEDDING_STD)
+    return model.eval()
 
 
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:

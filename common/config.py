@@ -1,0 +1,316 @@
+"""The typed recipe schema, strict YAML loading and `--set` overrides.
+
+A recipe is one YAML file:
+
+    name: sentiment
+    seed: 42
+    model: {base: smollm2-135m-instruct, dtype: float32, quantization: none, lora: {r: 16}}
+    stages:
+      sft: {kind: sft, data: {path: ../../data/sentiment/sft.jsonl}, args: {max_steps: 40}}
+      dpo: {kind: dpo, from: sft, data: {stage: prefs}, args: {beta: 0.1}}
+
+Each stage kind has its own dataclass (a subclass of `StageConfig`) defined by the stage package; the
+recipes package passes the mapping kind -> dataclass to `load_recipe`, so `common` imports no stage.
+Relative paths in a recipe are relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import graphlib
+import hashlib
+import json
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from common.errors import InputError
+from common.schema import build, check_value, to_dict, unknown_key_error
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # "all-linear" is peft's shorthand for every linear layer but the output head.
+    target_modules: str | list[str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass
+class ModelConfig:
+    base: str = "smollm2-135m-instruct"
+    dtype: Dtype = "auto"
+    # `lora: null` means full fine-tuning.
+    lora: LoraSpec | None = field(default_factory=LoraSpec)
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "auto"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.quantization != "none" and self.lora is None:
+            raise ValueError(f"quantization is '{self.quantization}' but lora is null; quantized weights "
+                             "cannot be trained directly: add a lora block (QLoRA) or set quantization: none")
+
+
+@dataclass
+class DataSpec:
+    """Where a stage's records come from: exactly one of a local file, a hub dataset or another stage."""
+
+    path: str | None = None
+    hub: str | None = None
+    stage: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    # Our field name -> the column that holds it in this dataset (e.g. {prompt: instruction}).
+    fields: dict[str, str] = field(default_factory=dict)
+    # A separate held-out file, or else this fraction of the rows is held out.
+    test_path: str | None = None
+    test_size: float = 0.1
+    limit: int | None = None
+
+    def __post_init__(self):
+        given = [k for k in ("path", "hub", "stage") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"needs exactly one of path / hub / stage, got {given or 'none'}; "
+                             "name the local file, the hub dataset or the stage")
+        if not 0 <= self.test_size < 1:
+            raise ValueError(f"test_size must be in [0, 1), got {self.test_size}")
+
+
+@dataclass
+class StageConfig:
+    """Keys every stage has. Stage packages subclass this with their own keys."""
+
+    kind: str
+    from_: str | None = field(default=None, metadata={"key": "from"})
+    data: DataSpec | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    # Set by subclasses that validate `args` with a trl / transformers config dataclass.
+    trl_config: typing.ClassVar[type | None] = None
+
+    def references(self) -> list[str]:
+        """The stages this one reads from (model and data)."""
+        refs = [self.from_] if self.from_ else []
+        if self.data is not None and self.data.stage:
+            refs.append(self.data.stage)
+        return refs
+
+    def validate(self, recipe: Recipe, where: str) -> None:
+        """Checks that need the whole recipe or the file system; subclasses extend."""
+        if self.trl_config is not None:
+            self.args = check_trl_args(self.trl_config, self.args, f"{where}.args")
+            self.trainer_args(recipe, where, output_dir=tempfile.gettempdir())
+
+    def trainer_args(self, recipe: Recipe, where: str, output_dir: str | Path) -> Any:
+        """trl's config for this stage: the lab's defaults, then the recipe's `args` on top."""
+        defaults = {
+            "seed": recipe.seed,
+            # trl turns bf16 on by default, even on CPUs where it is slow: follow the model's dtype instead.
+            "bf16": recipe.model.dtype == "bfloat16" or (recipe.model.dtype == "auto" and _cuda_bf16()),
+            "activation_checkpointing": recipe.model.gradient_checkpointing,
+            "report_to": "none",  # common.tracking reports, with the lab's metric names
+            "save_total_limit": 2,
+            "disable_tqdm": False,
+        }
+        if "report_to" in self.args:
+            raise InputError(f"recipe: {where}.args.report_to: set report_to once at the top of the recipe "
+                             "(e.g. report_to: [tensorboard]); every stage then logs there")
+        return trl_args(self.trl_config, defaults | self.args, f"{where}.args", output_dir=str(output_dir))
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: dict[str, Any] = field(default_factory=dict)
+    seed: int = 42
+    description: str = ""
+    output_dir: str = "runs"
+    # Named sets of overrides (dotted key -> value), chosen with `profile: NAME` or `--set profile=NAME`.
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile: str | None = None
+    report_to: list[str] = field(default_factory=list)  # tensorboard / mlflow / wandb; metrics.jsonl always
+
+    # Filled by load_recipe, not by the YAML.
+    source: Path = field(default=Path("recipe.yaml"), init=False, repr=False)
+
+    def order(self) -> list[str]:
+        """Stage names in dependency order (ties in file order)."""
+        sorter = graphlib.TopologicalSorter({name: st.references() for name, st in self.stages.items()})
+        try:
+            ready = list(sorter.static_order())
+        except graphlib.CycleError as e:
+            cycle = " -> ".join(e.args[1])
+            raise InputError(f"{self.source}: the stages form a cycle ({cycle}); "
+                             "remove one of the from:/data.stage references") from None
+        position = {name: i for i, name in enumerate(self.stages)}
+        # static_order is a valid order; re-sort stably by (depth, file position) for readable runs.
+        depth: dict[str, int] = {}
+        for name in ready:
+            depth[name] = 1 + max((depth[r] for r in self.stages[name].references()), default=-1)
+        return sorted(ready, key=lambda n: (depth[n], position[n]))
+
+    def stage_hash(self, name: str) -> str:
+        """Hash of what determines a stage's output: its config, the model block, the seed and, through
+        their hashes, the stages it reads from. Resume reuses a done stage only when this is unchanged."""
+        stage = self.stages[name]
+        payload = {"stage": to_dict(stage), "model": to_dict(self.model), "seed": self.seed,
+                   "inputs": {r: self.stage_hash(r) for r in stage.references()}}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.source.parent / p).resolve()
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check a recipe's `args` block against trl's (or transformers') config dataclass: every key must be one
+    of its fields (so every trl option is available, and a typo is caught with the valid keys listed), and
+    simple types are checked and normalised here."""
+    hints = typing.get_type_hints(config_cls)
+    valid = [f.name for f in dataclasses.fields(config_cls) if f.init]
+    checked = {}
+    for key, value in args.items():
+        if key not in valid:
+            raise unknown_key_error(key, valid, where, "recipe")
+        if key == "output_dir":
+            raise InputError(f"recipe: {where}.output_dir is set by the run directory; remove it")
+        tp = hints.get(key, Any)
+        checked[key] = check_value(value, tp, f"{where}.{key}", "recipe") if _checkable(tp) else value
+    return checked
+
+
+def trl_args(config_cls: type, args: dict[str, Any], where: str, output_dir: str) -> Any:
+    """Construct the config dataclass; its own __post_init__ checks (e.g. conflicting options) become
+    recipe errors."""
+    checked = check_trl_args(config_cls, args, where)
+    try:
+        return config_cls(output_dir=output_dir, **checked)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"recipe: {where} is rejected by {config_cls.__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _checkable(tp: Any) -> bool:
+    """Annotations simple enough to check ourselves; others are left to the library's own checks."""
+    if tp in (int, float, bool, str):
+        return True
+    args = typing.get_args(tp)
+    return bool(args) and all(a in (int, float, bool, str, type(None)) for a in args) \
+        and typing.get_origin(tp) is not Literal
+
+
+# --- overrides --------------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value), the value read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise InputError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. --set stages.sft.args.max_steps=10")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise InputError(f"--set {text!r}: the key is empty; expected KEY.PATH=VALUE")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(data: dict, parts: list[str], value: Any, label: str) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise InputError(f"{label}: '{'.'.join(parts[: i + 1])}' is {type(nxt).__name__}, not a mapping; "
+                             "cannot set a key inside it")
+        node = nxt
+    node[parts[-1]] = value
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: recipe file not found; give the path to a YAML recipe "
+                         "(e.g. recipes/configs/smollm2-135m/sentiment.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}:{line} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe must be a YAML mapping with name, model and stages")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                stage_kinds: dict[str, type[StageConfig]] | None = None) -> tuple[Recipe, dict]:
+    """Read, override and validate a recipe. Returns the recipe and the raw mapping after overrides.
+
+    Every check runs here: schema, types, trl args, references, cycles, data files and their rows.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    data = copy.deepcopy(raw)
+    parsed = [parse_override(o) for o in overrides]
+    for parts, value in parsed:  # profile first, so explicit overrides win over the profile's
+        if parts == ["profile"]:
+            data["profile"] = value
+    profile = data.get("profile")
+    if profile is not None:
+        profiles = data.get("profiles") or {}
+        if profile not in profiles:
+            raise InputError(f"{path}: profile '{profile}' is not defined; defined profiles: "
+                             f"{', '.join(profiles) or 'none'}")
+        for key, value in (profiles[profile] or {}).items():
+            apply_override(data, str(key).split("."), value, f"{path}: profiles.{profile}.{key}")
+    for (parts, value), text in zip(parsed, overrides, strict=True):
+        if parts != ["profile"]:
+            apply_override(data, parts, value, f"--set {text}")
+
+    stages_raw = data.pop("stages", None)
+    recipe = build(Recipe, data, "", str(path))
+    recipe.source = path.resolve()
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise InputError(f"{path}: 'stages' must be a non-empty mapping of stage name -> stage block")
+    kinds = stage_kinds or {}
+    for name, block in stages_raw.items():
+        where = f"stages.{name}"
+        if not isinstance(block, dict) or "kind" not in block:
+            raise InputError(f"{path}: {where} needs a 'kind' ({', '.join(sorted(kinds)) or 'none registered'})")
+        kind = block["kind"]
+        if kind not in kinds:
+            raise unknown_key_error(str(kind), list(kinds), f"{where}.kind", str(path)) from None
+        recipe.stages[name] = build(kinds[kind], block, where, str(path))
+
+    for name, stage in recipe.stages.items():
+        for ref in stage.references():
+            if ref not in recipe.stages:
+                raise unknown_key_error(ref, list(recipe.stages), f"stages.{name} (a from:/data.stage reference "
+                                        "to a stage)", str(path))
+    recipe.order()  # raises on cycles
+    from common.tracking import check_report_to
+
+    check_report_to(recipe.report_to, "report_to")
+    for name, stage in recipe.stages.items():
+        stage.validate(recipe, f"stages.{name}")
+    data["stages"] = stages_raw
+    return recipe, data
+

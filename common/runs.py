@@ -1,0 +1,209 @@
+"""Run directories: `runs/<recipe>/<run-id>/` with the recipe as given, the resolved config, a manifest,
+and one folder per stage whose `done.json` is written last (atomic rename), so a folder never looks done
+when it is not.
+
+Only the main process writes; other processes of a distributed launch read the same paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.config import Recipe
+from common.errors import InputError
+from common.schema import to_dict
+
+DONE = "done.json"
+PACKAGES = ["alignlab", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets",
+            "evaluate", "tokenizers", "safetensors", "numpy", "vaderSentiment"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@dataclass
+class StageResult:
+    """What a stage hands on: output paths relative to its folder (e.g. {"adapter": "adapter"}) and its
+    final metrics."""
+
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Run:
+    def __init__(self, root: Path, recipe: Recipe):
+        self.root = root
+        self.recipe = recipe
+
+    # --- creation ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, recipe: Recipe, raw_text: str, resolved: dict, overrides: list[str], *,
+               run_id: str | None = None, resume: bool = False, overwrite: bool = False,
+               output_dir: Path | None = None, is_main: bool = True) -> Run:
+        base = output_dir or Path(recipe.output_dir)
+        if run_id is None:
+            if resume:
+                run_id = latest_run_id(base / recipe.name)
+                if run_id is None:
+                    raise InputError(f"--resume: no earlier run of '{recipe.name}' under {base / recipe.name}; "
+                                     "start one without --resume")
+            else:
+                run_id = time.strftime("%Y%m%d-%H%M%S")
+        root = base / recipe.name / run_id
+        run = cls(root, recipe)
+        if root.exists() and not resume:
+            if not overwrite:
+                raise InputError(f"{root} already exists; pass --resume to continue it, --overwrite to replace it, "
+                                 "or --run-id NEW for a new run")
+            if is_main:
+                shutil.rmtree(root)
+        if resume and not root.exists():
+            raise InputError(f"--resume: {root} does not exist; check --run-id or drop --resume")
+        if is_main:
+            run.write_header(raw_text, resolved, overrides, resume)
+        return run
+
+    def write_header(self, raw_text: str, resolved: dict, overrides: list[str], resume: bool) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        suffix = time.strftime("%Y%m%d-%H%M%S") if resume and (self.root / "recipe.yaml").exists() else ""
+        # A resumed run keeps the first header and adds a dated one, so nothing written before is lost.
+
+        def name(stem: str, ext: str) -> str:
+            return f"{stem}.resume-{suffix}{ext}" if suffix else f"{stem}{ext}"
+
+        atomic_write_text(self.root / name("recipe", ".yaml"), raw_text)
+        atomic_write_text(self.root / name("resolved", ".yaml"),
+                          yaml.safe_dump(to_dict(self.recipe) | {"stages": {
+                              k: to_dict(v) for k, v in self.recipe.stages.items()}}, sort_keys=False))
+        atomic_write_json(self.root / name("manifest", ".json"), manifest(self.recipe, overrides))
+
+    # --- stages -----------------------------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def done_record(self, name: str) -> dict | None:
+        path = self.stage_dir(name) / DONE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def is_done(self, name: str) -> bool:
+        record = self.done_record(name)
+        return record is not None and record.get("config_hash") == self.recipe.stage_hash(name)
+
+    def mark_done(self, name: str, result: StageResult, seconds: float) -> None:
+        atomic_write_json(self.stage_dir(name) / DONE, {
+            "stage": name, "kind": self.recipe.stages[name].kind, "config_hash": self.recipe.stage_hash(name),
+            "outputs": result.outputs, "metrics": result.metrics, "seconds": round(seconds, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+
+    def output(self, stage: str, key: str) -> Path:
+        """The path a done stage recorded under `key` (e.g. its adapter)."""
+        record = self.done_record(stage)
+        if record is None:
+            raise InputError(f"stage '{stage}' has not finished in {self.root}; run it first "
+                             f"(alignlab run RECIPE --resume --run-id {self.root.name})")
+        if key not in record["outputs"]:
+            raise InputError(f"stage '{stage}' has no output '{key}' (it has {', '.join(record['outputs'])})")
+        return self.stage_dir(stage) / record["outputs"][key]
+
+
+def latest_run_id(recipe_dir: Path) -> str | None:
+    runs = sorted(p.name for p in recipe_dir.glob("*") if p.is_dir()) if recipe_dir.is_dir() else []
+    return runs[-1] if runs else None
+
+
+def manifest(recipe: Recipe, overrides: list[str]) -> dict:
+    import torch
+
+    from common.data import fingerprint
+
+    data_files = {}
+    for name, stage in recipe.stages.items():
+        spec = stage.data
+        for rel in (spec.path, spec.test_path) if spec else ():
+            if rel:
+                path = recipe.resolve_path(rel)
+                data_files[f"{name}:{rel}"] = {"path": str(path), "sha256": fingerprint(path)}
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "recipe": recipe.name, "seed": recipe.seed, "profile": recipe.profile, "overrides": overrides,
+        "command": sys.argv, "cwd": os.getcwd(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "packages": versions, "python": sys.version.split()[0], "git": git_state(),
+        "data": data_files,
+        "hardware": {
+            "platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "world_size": int(os.environ.get("WORLD_SIZE", 1)),
+        },
+    }
+
+
+def git_state() -> dict:
+    """The commit of the alignlab source tree (and whether it had uncommitted changes)."""
+    src = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain")) if commit else None}
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's `train(cfg, ctx)` needs besides its own config."""
+
+    run: Run
+    name: str
+    is_main: bool = True
+    resume: bool = False
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.run.recipe
+
+    @property
+    def dir(self) -> Path:
+        return self.run.stage_dir(self.name)
+
+    def input_path(self, stage: str, key: str) -> Path:
+        return self.run.output(stage, key)

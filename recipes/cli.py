@@ -1,0 +1,65 @@
+"""`alignlab` command line. Parses arguments and calls the runner; bad input exits with code 2 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from common.errors import InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignlab", description="alignment and post-training lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe (all stages, or one with --stage)")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--stage", help="run only this stage (its inputs must be done in the run)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe value, e.g. --set stages.sft.args.max_steps=10 (repeatable)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the latest (or --run-id) run: skip done stages, resume a half-done one")
+    run.add_argument("--run-id", help="name of the run directory (default: a timestamp)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--output-dir", type=Path, help="where runs go (default: the recipe's output_dir, runs/)")
+
+    validate = sub.add_parser("validate", help="load and check a recipe without running it")
+    validate.add_argument("recipe", type=Path)
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # bitsandbytes announces, at import, an optional hub-downloaded CPU kernel it falls back from; harmless.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Tokenizers' own thread pool fights torch for the cores and warns after forks; torch does the work.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import datasets
+
+        from recipes import runner
+
+        # Reading a local file takes milliseconds; its progress bars would bury an error line on stderr.
+        datasets.disable_progress_bars()
+
+        if args.command == "validate":
+            recipe, _ = runner.load(args.recipe, args.overrides)
+            print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {' -> '.join(recipe.order())})")
+        elif args.command == "run":
+            runner.run_recipe(args.recipe, runner.RunOptions(
+                overrides=args.overrides, stage=args.stage, resume=args.resume, run_id=args.run_id,
+                overwrite=args.overwrite, output_dir=args.output_dir))
+    except InputError as e:
+        print(f"alignlab: error: {e}", file=sys.stderr)
+        return InputError.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The SFT stage on the tiny in-process model: LoRA learns, the base does not move, QLoRA runs on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from common.models import load_base_model, load_tokenizer, resolve_model
+from common.runs import Run, StageContext
+from common.tracking import read_metrics
+from recipes.runner import RunOptions, load, run_recipe
+from sft.stage import build_trainer
+
+FAST = ["stages.sft.args.max_steps=4"]
+
+
+def test_lora_changes_and_base_stays_bit_identical(recipe_file, tmp_path):
+    recipe, raw = load(recipe_file(), FAST)
+    run = Run.create(recipe, "", raw, [], output_dir=tmp_path / "runs")
+    trainer = build_trainer(recipe.stages["sft"], StageContext(run, "sft"))
+    params = dict(trainer.model.named_parameters())
+    base_before = {k: v.detach().clone() for k, v in params.items() if "lora_" not in k}
+    lora_before = {k: v.detach().clone() for k, v in params.items() if "lora_" in k}
+    assert lora_before and all(not params[k].requires_grad for k in base_before)
+    trainer.train()
+    assert all(torch.equal(params[k], v) for k, v in base_before.items()), "base weights moved"
+    changed = [k for k, v in lora_before.items() if not torch.equal(params[k], v)]
+    # LoRA's B starts at zero, so every B must have moved (A moves once B is non-zero).
+    assert all(k in changed for k in lora_before if "lora_B" in k)
+
+
+def test_loss_falls_on_a_memorisable_set_and_adapter_reloads(recipe_file, tmp_path):
+    run = run_recipe(recipe_file(), RunOptions(
+        overrides=["stages.sft.args.max_steps=16", "stages.sft.args.learning_rate=1e-2"],
+        output_dir=tmp_path / "runs"))
+    losses = [m["loss/train"] for m in read_metrics(run.stage_dir("sft") / "metrics.jsonl") if "loss/train" in m]
+    assert len(losses) == 16 and sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4
+    done = json.loads((run.stage_dir("sft") / "done.json").read_text())
+    assert done["outputs"] == {"adapter": "adapter"} and "loss/eval" in done["metrics"]
+
+    adapter = run.stage_dir("sft") / "adapter"
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved and all("lora_" in k for k in saved), "only the adapter is saved, not the base"
+    resolved = resolve_model("tiny-random-llama")
+    base = load_base_model(run.recipe.model, resolved, training=False)
+    tok = load_tokenizer(resolved)
+    chat = [{"role": "user", "content": "What is the colour of the sky?"}, {"role": "assistant", "content": "blue"}]
+    prompt_len = len(tok(tok.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=False)).input_ids)
+    ids = tok(tok.apply_chat_template(chat, tokenize=False), return_tensors="pt").input_ids
+    labels = ids.clone()
+    labels[:, :prompt_len] = -100  # score the answer only
+
+    with torch.no_grad():
+        base_loss = base(input_ids=ids, labels=labels).loss
+        tuned_loss = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids, labels=labels).loss
+    assert tuned_loss < base_loss - 1.0, "the reloaded adapter has learnt the answer"
+
+
+def test_qlora_4bit_runs_on_cpu(recipe_file, tmp_path):
+    import bitsandbytes as bnb
+
+    overrides = [*FAST, "model.quantization=4bit", "model.compute_dtype=float32"]
+    recipe, raw = load(recipe_file(), overrides)
+    run = Run.create(recipe, "", raw, [], output_dir=tmp_path / "runs")
+    trainer = build_trainer(recipe.stages["sft"], StageContext(run, "sft"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    lora_b = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_B" in k}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(params[k], v) for k, v in lora_b.items())
+
+
+def test_full_fine_tuning_and_merged_export(recipe_file, tmp_path):
+    full = run_recipe(recipe_file(), RunOptions(overrides=[*FAST, "model.lora=null"], output_dir=tmp_path / "a"))
+    assert (full.stage_dir("sft") / "model" / "model.safetensors").is_file()
+    merged = run_recipe(recipe_file(), RunOptions(overrides=[*FAST, "stages.sft.merge=true"],
+                                                  output_dir=tmp_path / "b"))
+    assert (merged.stage_dir("sft") / "merged" / "config.json").is_file()
+    assert not list((merged.stage_dir("sft") / "merged").glob("adapter_*"))
