@@ -1,0 +1,160 @@
+"""PPO's losses and the per-token quantities computed from a language model's logits.
+
+Per-token tensors are `[batch, response_len]` with a `mask` of the same shape (true on response tokens);
+losses are means over all masked-in tokens of the minibatch (token-level averaging: a long response weighs
+more than a short one, as in Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO").
+
+The stats returned next to each loss are detached scalars, so logging them neither keeps the graph alive
+nor forces a device sync until the caller reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ppo.advantages import masked_mean
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate objective, negated to be minimised (Schulman et al. 2017, "Proximal Policy
+    Optimization Algorithms", eq. 7):
+
+        ratio_t = exp(log pi(a_t) - log pi_old(a_t))
+        loss    = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+
+    Args:
+        logprobs: [B, T] log-probs of the response tokens under the current policy (with grad).
+        old_logprobs: [B, T] the same tokens' log-probs at rollout time (no grad).
+        advantages: [B, T] advantages (usually whitened).
+        mask: [B, T] true on response tokens.
+        clip_range: eps, e.g. 0.2.
+
+    Returns:
+        (loss, stats) with stats:
+          "approx_kl": mean over tokens of k3 = (r - 1) - log r with r = pi / pi_old, an unbiased estimate of
+              KL(pi_old || pi) on tokens sampled from pi_old that is never negative (Schulman, "Approximating
+              KL divergence", 2020). We pick k3 over 0.5 * logratio^2 (k2) because k2 is biased when pi and
+              pi_old drift apart, which is exactly when this stat matters (early stopping, debugging).
+          "clipfrac": fraction of tokens where the clipped term is the larger one, i.e. the clip is active
+              and the token gives no gradient.
+          "ratio_mean": mean probability ratio; should stay near 1.
+    """
+    if clip_range <= 0:
+        raise ValueError(f"policy_loss: clip_range must be > 0, got {clip_range}.")
+    mask = mask.bool()
+    # Zero the log-ratio on padding before exp: garbage there could overflow to inf, and inf * 0 in the
+    # backward pass would turn the gradient into nan even though the loss ignores those positions.
+    log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "clipfrac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               clip_range_value: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss (the value clipping of OpenAI baselines' PPO2, kept in RLHF-PPO since Ziegler et al.
+    2019; Huang et al. 2024 list it among the implementation details):
+
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+        loss   = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2)
+
+    Args:
+        values: [B, T] current value predictions (with grad).
+        old_values: [B, T] the value predictions at rollout time (no grad).
+        returns: [B, T] value targets (`gae(...)[1]`).
+        mask: [B, T] true on response tokens.
+        clip_range_value: eps_v, e.g. 0.2 (in the units of the rewards).
+
+    Returns:
+        (loss, {"clipfrac": fraction of tokens where the clipped error is the larger one}).
+    """
+    if clip_range_value <= 0:
+        raise ValueError(f"value_loss: clip_range_value must be > 0, got {clip_range_value}.")
+    mask = mask.bool()
+    old_values = old_values.detach()
+    returns = returns.detach()
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped = (values - returns) ** 2
+    clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
+    return loss, stats
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision log-softmax loses the small differences PPO's ratios are made of; float32 at least.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[label] for every position, i.e. log pi(label_t | context_t).
+
+    Computed as `logit[label] / T - logsumexp(logits / T)`, one batch row at a time in (at least) float32, so
+    the full `[B, T, V]` log-softmax is never materialised: the peak extra memory is one row `[T, V]`.
+
+    Args:
+        logits: [B, T, V] (or [T, V]) logits of the positions that predict `labels`.
+        labels: [B, T] (or [T]) token ids; every entry must be a valid id (mask padding separately).
+        temperature: the sampling temperature; must be the one used at generation, so that these are the
+            log-probs of the distribution the tokens were drawn from.
+
+    Returns:
+        [B, T] log-probs, float32 (float64 for float64 logits).
+    """
+    if temperature <= 0:
+        raise ValueError(f"logprobs_from_logits: temperature must be > 0, got {temperature}.")
+    if logits.dim() not in (2, 3) or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logprobs_from_logits: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}; "
+            "expected logits [..., V] over the labels' positions."
+        )
+    if logits.dim() == 2:
+        return logprobs_from_logits(logits[None], labels[None], temperature)[0]
+    dtype = _compute_dtype(logits.dtype)
+    rows = []
+    for row_logits, row_labels in zip(logits, labels, strict=True):
+        row_logits = row_logits.to(dtype)
+        if temperature != 1.0:
+            row_logits = row_logits / temperature
+        picked = row_logits.gather(-1, row_labels[:, None]).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of softmax(z) over the last axis, z = logits / temperature:
+
+        H = -sum_i p_i log p_i = logsumexp(z) - sum_i p_i * z_i      (since log p_i = z_i - logsumexp(z))
+
+    Pass the sampling temperature for the entropy of the distribution responses were drawn from. Computed
+    one batch row at a time in (at least) float32, like `logprobs_from_logits`. Returns logits.shape[:-1].
+    """
+    if temperature <= 0:
+        raise ValueError(f"entropy_from_logits: temperature must be > 0, got {temperature}.")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"entropy_from_logits: expected [B, T, V] or [T, V] logits, got shape {tuple(logits.shape)}.")
+    if logits.dim() == 2:
+        return entropy_from_logits(logits[None], temperature)[0]
+    dtype = _compute_dtype(logits.dtype)
+    rows = []
+    for row_logits in logits:
+        row_logits = row_logits.to(dtype)
+        if temperature != 1.0:
+            row_logits = row_logits / temperature
+        probs = torch.softmax(row_logits, dim=-1)
+        # A token masked to -inf (top-k / top-p filtered logits) has p = 0 and adds 0, not 0 * -inf = nan.
+        weighted = torch.where(probs > 0, probs * row_logits, torch.zeros((), dtype=dtype, device=probs.device))
+        rows.append(torch.logsumexp(row_logits, dim=-1) - weighted.sum(-1))
+    return torch.stack(rows)
