@@ -2,7 +2,7 @@
 
 Three record shapes flow through the lab:
   - SFT example: chat `messages`, or `prompt` + `completion` (text or chat), or plain `text`;
-  - preference pair: `prompt`, `chosen`, `rejected`;
+  - preference pair: `prompt`, `chosen`, `rejected` (or Anthropic-HH transcripts, split by common.preferences);
   - prompt: `prompt` (text or chat messages).
 Validation names the file, the 1-based row and the field, so a bad row is found without a debugger.
 """
@@ -19,12 +19,12 @@ import pandas as pd
 
 from common.config import DataSpec, Recipe
 from common.errors import InputError
+from common.preferences import validate_preference_records
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = {"system", "user", "assistant"}
 SHAPES = {
     "sft": [("messages",), ("prompt", "completion"), ("text",)],
-    "preference": [("prompt", "chosen", "rejected")],
     "prompt": [("prompt",)],
 }
 
@@ -113,9 +113,13 @@ def rename_fields(ds: datasets.Dataset, fields: dict[str, str], source: str) -> 
 
 def validate(ds: datasets.Dataset, shape: str, source: str) -> datasets.Dataset:
     """Check every row has one of the shape's field sets, with non-empty values of the right kind; keep only
-    those fields."""
+    those fields. Preference pairs are also normalised (chat, text or Anthropic-HH transcripts) to
+    prompt / chosen / rejected by common.preferences."""
     if len(ds) == 0:
         raise InputError(f"{source}: the dataset is empty; give a file with at least one record")
+    if shape == "preference":
+        pairs = validate_preference_records(ds, source)
+        return datasets.Dataset.from_list(pairs.records)
     options = SHAPES[shape]
     fields = next((opt for opt in options if all(f in ds.column_names for f in opt)), None)
     if fields is None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.generation import generate_responses, pad_left, truncate_after_eos
 from common.tiny import build_tiny_model, build_tiny_tokenizer
-from ppo.rollout import forward_logprobs, generate_responses, pad_left, truncate_after_eos
+from ppo.rollout import forward_logprobs
 
 TEMPERATURE = 0.7
 # Chat prompts of different lengths, so the batch really is left-padded.

@@ -91,3 +91,12 @@ def test_unreadable_file_and_unknown_extension(tmp_path):
 def test_offline_hub_dataset_fails_with_one_line(tmp_path):
     with pytest.raises(InputError, match="hub dataset 'nobody/nothing'.*offline machines need a local file"):
         load_splits(DataSpec(hub="nobody/nothing"), recipe_at(tmp_path), "sft", "w")
+
+
+def test_preference_files_are_normalised_and_checked(tmp_path):
+    hh = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}
+    (tmp_path / "p.jsonl").write_text(json.dumps(hh) + "\n")
+    splits = load_splits(DataSpec(path="p.jsonl", test_size=0.0), recipe_at(tmp_path), "preference", "w")
+    assert splits.train[0]["prompt"] == "\n\nHuman: Hi?\n\nAssistant:" and splits.train[0]["chosen"] == " Hello!"
+    same = {"prompt": "p", "chosen": "x", "rejected": "x "}
+    assert "row 1" in error(tmp_path, json.dumps(same) + "\n", shape="preference")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import InputError
-from reward_model.preference_data import split_hh, validate_preference_records
+from common.preferences import split_hh, validate_preference_records
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
