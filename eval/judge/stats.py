@@ -59,41 +59,21 @@ def position_consistency(consistent: Sequence[bool | None]) -> float:
     return float(np.mean(known)) if known else float("nan")
 
 
-def fit_logistic(features: np.ndarray, targets: np.ndarray, l2: float = 0.0, max_iter: int = 100,
-                 tol: float = 1e-10) -> np.ndarray:
-    """Maximum-likelihood logistic regression by Newton's method (IRLS), with an intercept.
+def fit_logistic(features: np.ndarray, targets: np.ndarray, l2: float = 0.0) -> np.ndarray:
+    """Maximum-likelihood logistic regression with an intercept (scikit-learn); returns
+    [intercept, coef_1..coef_k].
 
-    features [n, k]; targets in [0, 1] (fractional targets, e.g. 0.5 for a tie, are the binomial
-    quasi-likelihood, as if each pair were half a win and half a loss). `l2` is a ridge penalty on all
-    coefficients, 0.5 * l2 * |beta|^2, which keeps the fit finite on separable data. Returns
-    [intercept, coef_1..coef_k]. Step halving keeps every Newton step an ascent step.
+    Targets are in [0, 1]: a fractional target t (0.5 for a tie) enters as a win with weight t and a loss
+    with weight 1 - t, which is the same binomial likelihood. `l2` is a ridge penalty on the coefficients
+    (not the intercept), which keeps the fit finite on separable data.
     """
-    x = np.column_stack([np.ones(len(targets)), np.asarray(features, dtype=float).reshape(len(targets), -1)])
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(features, dtype=float).reshape(len(targets), -1)
     y = np.asarray(targets, dtype=float)
-    beta = np.zeros(x.shape[1])
-
-    def objective(b: np.ndarray) -> float:
-        z = x @ b
-        # log-likelihood sum y*z - log(1 + e^z), written stably with logaddexp
-        return float(np.sum(y * z - np.logaddexp(0.0, z)) - 0.5 * l2 * b @ b)
-
-    current = objective(beta)
-    for _ in range(max_iter):
-        p = 1.0 / (1.0 + np.exp(-(x @ beta)))
-        grad = x.T @ (y - p) - l2 * beta
-        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(len(beta))
-        step = np.linalg.lstsq(hess, grad, rcond=None)[0]
-        for _halving in range(30):
-            candidate = objective(beta + step)
-            if candidate >= current - 1e-12:
-                break
-            step = step / 2
-        beta = beta + step
-        improvement = candidate - current
-        current = candidate
-        if np.max(np.abs(step)) < tol or 0 <= improvement < tol:
-            break
-    return beta
+    model = LogisticRegression(C=1.0 / l2 if l2 > 0 else np.inf, tol=1e-10, max_iter=10_000)
+    model.fit(np.vstack([x, x]), np.r_[np.ones(len(y)), np.zeros(len(y))], sample_weight=np.r_[y, 1 - y])
+    return np.r_[model.intercept_, model.coef_[0]]
 
 
 @dataclass(frozen=True)

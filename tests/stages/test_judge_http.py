@@ -242,8 +242,7 @@ def test_against_a_real_transformers_serve(tmp_path, monkeypatch):
     from transformers.utils.import_utils import is_serve_available
 
     exe = Path(sys.executable).parent / "transformers"
-    if not is_serve_available() or not exe.exists():
-        pytest.skip("transformers serve needs fastapi, uvicorn and openai in the environment")
+    assert is_serve_available() and exe.exists(), "transformers serve needs the dev extras (fastapi, uvicorn, openai)"
     model_dir = save_tiny_model(tmp_path / "tiny")
     port = _free_port()
     log_path = tmp_path / "serve.log"

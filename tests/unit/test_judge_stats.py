@@ -74,22 +74,6 @@ def test_length_controlled_win_rate_degenerate_cases():
     assert math.isnan(stats.length_controlled_win_rate([None], [1], [2]).win_rate)
 
 
-def test_fit_logistic_matches_scikit_learn_with_ties_as_half_weights():
-    # Equivalence: a tie as target 0.5 equals a win and a loss with weight 1/2 each (the binomial
-    # log-likelihood is linear in the target).
-    linear_model = pytest.importorskip("sklearn.linear_model")
-
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(200, 2))
-    y = rng.choice([0.0, 0.5, 1.0], size=200, p=[0.3, 0.2, 0.5])
-    ours = stats.fit_logistic(x, y)
-    xx = np.vstack([x, x])
-    yy = np.concatenate([np.ones(200), np.zeros(200)])
-    ww = np.concatenate([y, 1 - y])
-    ref = linear_model.LogisticRegression(penalty=None, tol=1e-12, max_iter=10_000).fit(xx, yy, sample_weight=ww)
-    np.testing.assert_allclose(ours, np.concatenate([ref.intercept_, ref.coef_[0]]), atol=1e-5)
-
-
 def test_gold_agreement_by_hand():
     winners = ["a", "b", "tie", "a", None]
     gold_a = [1.0, 1.0, 0.0, 0.0, 1.0]
