@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--output-dir", type=Path, help="where runs go (default: the recipe's output_dir, runs/)")
 
+    report = sub.add_parser("report", help="compare runs: an HTML report and its Markdown twin")
+    report.add_argument("runs", type=Path, nargs="+", help="run directories (runs/<recipe>/<run-id>)")
+    report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
+
     validate = sub.add_parser("validate", help="load and check a recipe without running it")
     validate.add_argument("recipe", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -51,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             recipe, _ = runner.load(args.recipe, args.overrides)
             print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {' -> '.join(recipe.order())})")
+            for swept, members in recipe.sweeps.items():
+                print(f"  sweep {swept} -> {', '.join(members)}")
+        elif args.command == "report":
+            from eval.report import write_report
+
+            html_path, md_path = write_report(args.runs, args.output)
+            print(f"report: {html_path} (Markdown: {md_path})")
         elif args.command == "run":
             runner.run_recipe(args.recipe, runner.RunOptions(
                 overrides=args.overrides, stage=args.stage, resume=args.resume, run_id=args.run_id,

@@ -1,0 +1,302 @@
+"""Comparison reports: `alignlab report RUN [RUN ...] -o report.html` (and a Markdown twin beside it).
+
+Reads run directories only (what the runs wrote: recipe, manifest, each stage's metrics.jsonl and done.json,
+the eval stage's results.json and samples), so a report can be made anywhere, any time after the runs.
+One self-contained HTML file (plots embedded as PNG data URIs) and a Markdown file with the same tables
+whose plots sit in a folder next to it.
+
+Several runs of one recipe (different seeds) are folded together: each model's numbers become the mean over
+runs with the spread (min–max) beside it, which is what a reader needs to tell an effect from noise.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render to memory
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.errors import InputError  # noqa: E402
+from common.tracking import read_metrics  # noqa: E402
+
+# The curves worth a plot per stage kind, in the order shown (lab metric names, see common/tracking.py).
+CURVES = {
+    "sft": ["loss/train", "loss/eval"],
+    "reward_model": ["loss/train", "eval/accuracy", "eval/margin"],
+    "dpo": ["loss/train", "rewards/margins", "rewards/accuracies", "eval/rewards/accuracies"],
+    "ppo": ["objective/scores", "objective/kl", "objective/rlhf_reward", "policy/clipfrac_avg", "loss/value_avg"],
+}
+SAMPLES_SHOWN = 4
+
+
+@dataclass
+class RunData:
+    root: Path
+    recipe_text: str
+    manifest: dict
+    stages: dict[str, dict]  # stage name -> done.json (or {} when not finished)
+    metrics: dict[str, list[dict]]  # stage name -> metrics.jsonl rows
+    results: dict[str, dict] = field(default_factory=dict)  # model -> eval entry
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # model -> samples.jsonl rows
+
+    @property
+    def label(self) -> str:
+        return f"{self.root.parent.name}/{self.root.name} (seed {self.manifest.get('seed')})"
+
+
+def read_run(root: Path) -> RunData:
+    if not (root / "manifest.json").is_file():
+        raise InputError(f"{root}: not a run directory (no manifest.json); give runs/<recipe>/<run-id> folders")
+    stages, metrics = {}, {}
+    for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        done = stage_dir / "done.json"
+        stages[stage_dir.name] = json.loads(done.read_text()) if done.is_file() else {}
+        metrics[stage_dir.name] = read_metrics(stage_dir / "metrics.jsonl")
+    run = RunData(root, (root / "recipe.yaml").read_text(), json.loads((root / "manifest.json").read_text()),
+                  stages, metrics)
+    for name, done in stages.items():
+        results = root / name / "results.json"
+        if done.get("kind") == "eval" and results.is_file():
+            run.results.update(json.loads(results.read_text())["models"])
+            for model in run.results:
+                path = root / name / model / "samples.jsonl"
+                if path.is_file():
+                    run.samples[model] = [json.loads(line) for line in path.read_text().splitlines() if line]
+    return run
+
+
+# --- numbers -----------------------------------------------------------------------------------------
+
+COLUMNS = [  # (header, path into a model's results entry, format)
+    ("gold reward", ("gen", "gold_reward"), "{:.3f}"),
+    ("RM reward", ("gen", "rm_reward"), "{:.3f}"),
+    ("KL to ref", ("gen", "kl_to_ref"), "{:.2f}"),
+    ("length (tokens)", ("gen", "length_tokens"), "{:.1f}"),
+    ("distinct-2", ("gen", "distinct_2"), "{:.3f}"),
+    ("MC accuracy", ("mc", "accuracy"), "{:.3f}"),
+    ("judge win rate", ("judge",), "{:.3f}"),
+]
+
+
+def lookup(entry: dict, path: tuple[str, ...]):
+    """A value (or {"mean", "ci"} interval) from a results entry; None when that eval did not run."""
+    node = entry
+    for key in path:
+        if not isinstance(node, dict) or node.get(key) is None:
+            return None
+        node = node[key]
+    if isinstance(node, dict):
+        if "mean" in node:
+            return node
+        if "micro" in node:  # the MC harness's accuracy block
+            return {"mean": node["micro"], "ci": node.get("ci")}
+        if "win_rate" in node:  # the judge block: its interval sits beside the rate
+            return {"mean": node["win_rate"], "ci": node.get("ci")}
+        return None
+    return {"mean": node, "ci": None}
+
+
+def cell(values: list[dict | None], fmt: str) -> str:
+    """One table cell over runs: a single run shows its 95% interval, several runs their mean and spread."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return "–"
+    if len(present) == 1:
+        v = present[0]
+        ci = v.get("ci")
+        return fmt.format(v["mean"]) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
+    means = [v["mean"] for v in present]
+    return (f"{fmt.format(statistics.mean(means))} (runs {fmt.format(min(means))}–{fmt.format(max(means))}, "
+            f"n={len(means)})")
+
+
+def results_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    models = list(dict.fromkeys(m for run in runs for m in run.results))
+    header = ["model", *[c[0] for c in COLUMNS]]
+    rows = [[model, *[cell([lookup(run.results[model], path) if model in run.results else None for run in runs], fmt)
+                      for _, path, fmt in COLUMNS]] for model in models]
+    return header, rows
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+def png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def curves_plot(runs: list[RunData], stage: str, kind: str) -> bytes | None:
+    names = [n for n in CURVES.get(kind, []) if any(n in row for run in runs for row in run.metrics.get(stage, []))]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for run in runs:
+            points = [(row["step"], row[name]) for row in run.metrics.get(stage, []) if name in row]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None,
+                        label=run.label if len(runs) > 1 else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    if len(runs) > 1:
+        axes[0][0].legend(fontsize=6)
+    return png(fig)
+
+
+def frontier_plot(runs: list[RunData]) -> bytes | None:
+    """Gold reward against KL to the reference, one point per model and run: the DPO paper's Figure 2 in
+    miniature (Rafailov et al. 2023), where PPO and each DPO beta trace a reward–KL frontier."""
+    points = []
+    for run in runs:
+        for model, entry in run.results.items():
+            reward, kl = lookup(entry, ("gen", "gold_reward")), lookup(entry, ("gen", "kl_to_ref"))
+            if reward is not None and kl is not None:
+                points.append((model, kl, reward))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    families = {}
+    for model, kl, reward in points:
+        family = model.split("-")[0]
+        families.setdefault(family, []).append((model, kl, reward))
+    for family, pts in families.items():
+        xs = [p[1]["mean"] for p in pts]
+        ys = [p[2]["mean"] for p in pts]
+        yerr = [[y - (p[2]["ci"] or [y, y])[0] for p, y in zip(pts, ys, strict=True)],
+                [(p[2]["ci"] or [y, y])[1] - y for p, y in zip(pts, ys, strict=True)]]
+        ax.errorbar(xs, ys, yerr=yerr, fmt="o", capsize=3, label=family)
+        for model, x, y in zip([p[0] for p in pts], xs, ys, strict=True):
+            ax.annotate(model, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("KL to reference (nats per sequence)")
+    ax.set_ylabel("gold reward (mean, 95% CI)")
+    ax.set_title("reward–KL frontier", fontsize=10)
+    ax.legend(fontsize=7)
+    return png(fig)
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+@dataclass
+class Report:
+    title: str
+    runs: list[RunData]
+    table: tuple[list[str], list[list[str]]]
+    plots: list[tuple[str, bytes]]  # (caption, png)
+    samples: list[tuple[str, dict[str, str]]]  # (prompt, model -> completion)
+
+
+def build_report(run_dirs: list[Path]) -> Report:
+    if not run_dirs:
+        raise InputError("report: give at least one run directory (runs/<recipe>/<run-id>)")
+    runs = [read_run(Path(d)) for d in run_dirs]
+    plots = []
+    stage_kinds = {name: done.get("kind") for run in runs for name, done in run.stages.items() if done}
+    for stage, kind in stage_kinds.items():
+        image = curves_plot(runs, stage, kind)
+        if image:
+            plots.append((f"training curves: {stage}", image))
+    frontier = frontier_plot(runs)
+    if frontier:
+        plots.insert(0, ("reward–KL frontier", frontier))
+    first = runs[0]
+    prompts = list(dict.fromkeys(s["prompt"] for rows in first.samples.values() for s in rows))[:SAMPLES_SHOWN]
+    samples = [(p, {m: next((s["completion"] for s in rows if s["prompt"] == p), "")
+                    for m, rows in first.samples.items()}) for p in prompts]
+    names = sorted({run.root.parent.name for run in runs})
+    return Report(title=f"alignlab report: {', '.join(names)}", runs=runs, table=results_table(runs),
+                  plots=plots, samples=samples)
+
+
+def to_markdown(report: Report, image_dir: Path) -> str:
+    header, rows = report.table
+    lines = [f"# {report.title}", "", "## Results", ""]
+    if rows:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        lines.append("No eval stage has finished in these runs.")
+    lines.append("")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for i, (caption, image) in enumerate(report.plots):
+        path = image_dir / f"plot-{i}.png"
+        path.write_bytes(image)
+        lines += [f"![{caption}]({image_dir.name}/{path.name})", ""]
+    if report.samples:
+        lines += ["## Sample completions", ""]
+        for prompt, by_model in report.samples:
+            lines += [f"**Prompt:** {prompt}", ""]
+            lines += [f"- **{m}:** {c.strip()}" for m, c in by_model.items()] + [""]
+    lines += ["## Runs", ""]
+    for run in report.runs:
+        command = " ".join(run.manifest.get("command", []))
+        lines += [f"### {run.label}", "", f"- path: `{run.root}`",
+                  f"- git: `{run.manifest.get('git', {}).get('commit')}`", f"- command: `{command}`",
+                  "", "```yaml", run.recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def to_html(report: Report) -> str:
+    esc = html.escape
+    header, rows = report.table
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(report.title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{esc(report.title)}</h1><h2>Results</h2>"]
+    if rows:
+        parts.append("<table class='results'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
+        parts.append("</table><p class='note'>Brackets: 95% bootstrap interval of one run; with several runs, the "
+                     "mean over runs and their range.</p>")
+    else:
+        parts.append("<p>No eval stage has finished in these runs.</p>")
+    for caption, image in report.plots:
+        data = base64.b64encode(image).decode()
+        parts.append(f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{esc(caption)}</figcaption></figure>")
+    if report.samples:
+        models = list(report.samples[0][1])
+        parts.append("<h2>Sample completions</h2><table class='samples'><tr><th>prompt</th>"
+                     + "".join(f"<th>{esc(m)}</th>" for m in models) + "</tr>")
+        parts += ["<tr><td>" + esc(p) + "</td>" + "".join(f"<td>{esc(c[m])}</td>" for m in models) + "</tr>"
+                  for p, c in report.samples]
+        parts.append("</table>")
+    parts.append("<h2>Runs</h2>")
+    for run in report.runs:
+        manifest = json.dumps({k: run.manifest.get(k) for k in ("seed", "overrides", "git", "packages", "hardware",
+                                                                  "command", "data")}, indent=1)
+        parts.append(f"<details><summary>{esc(run.label)}: <code>{esc(str(run.root))}</code></summary>"
+                     f"<h3>recipe</h3><pre>{esc(run.recipe_text)}</pre><h3>manifest</h3><pre>{esc(manifest)}</pre>"
+                     "</details>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+table.samples td { max-width: 320px; white-space: pre-wrap; }
+figure { display: inline-block; margin: 0.5em; } img { max-width: 100%; }
+figcaption, .note { font-size: 0.8em; color: #666; }
+pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
+"""
+
+
+def write_report(run_dirs: list[Path], output: Path) -> tuple[Path, Path]:
+    """Write `output` (HTML) and its Markdown twin (same name, .md, plots in `<name>_files/`)."""
+    report = build_report(run_dirs)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(to_html(report))
+    markdown = output.with_suffix(".md")
+    markdown.write_text(to_markdown(report, output.parent / f"{output.stem}_files"))
+    return output, markdown
