@@ -81,7 +81,11 @@ COLUMNS = [  # (header, path into a model's results entry, format)
     ("KL to ref", ("gen", "kl_to_ref"), "{:.2f}"),
     ("length (tokens)", ("gen", "length_tokens"), "{:.1f}"),
     ("distinct-2", ("gen", "distinct_2"), "{:.3f}"),
-    ("MC accuracy", ("mc", "accuracy"), "{:.3f}"),
+    ("MC accuracy", ("mc", "acc"), "{:.3f}"),
+    # An MC accuracy means little without the letters the model picks: SmolLM2-135M-Instruct answers "A" to
+    # nearly every question, and its accuracy is then the share of A among the gold answers.
+    ("MC most-picked letter", ("mc", "letters"), "{:.0%}"),
+    ("MC ECE", ("mc", "calibration", "ece"), "{:.3f}"),
     ("judge win rate", ("judge",), "{:.3f}"),
 ]
 
@@ -96,8 +100,12 @@ def lookup(entry: dict, path: tuple[str, ...]):
     if isinstance(node, dict):
         if "mean" in node:
             return node
-        if "micro" in node:  # the MC harness's accuracy block
-            return {"mean": node["micro"], "ci": node.get("ci")}
+        if "accuracy" in node:  # the MC harness's accuracy block: a normal-approximation 95% interval
+            se = node.get("stderr") or 0.0
+            return {"mean": node["accuracy"], "ci": [node["accuracy"] - 1.96 * se, node["accuracy"] + 1.96 * se]}
+        if "predicted_share" in node:  # the MC letter histogram: the letter picked most and its share
+            letter, share = max(node["predicted_share"].items(), key=lambda kv: kv[1])
+            return {"mean": share, "ci": None, "label": f"{letter}: "}
         if "win_rate" in node:  # the judge block: its interval sits beside the rate
             return {"mean": node["win_rate"], "ci": node.get("ci")}
         return None
@@ -112,7 +120,8 @@ def cell(values: list[dict | None], fmt: str) -> str:
     if len(present) == 1:
         v = present[0]
         ci = v.get("ci")
-        return fmt.format(v["mean"]) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
+        interval = f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else ""
+        return v.get("label", "") + fmt.format(v["mean"]) + interval
     means = [v["mean"] for v in present]
     return (f"{fmt.format(statistics.mean(means))} (runs {fmt.format(min(means))}–{fmt.format(max(means))}, "
             f"n={len(means)})")

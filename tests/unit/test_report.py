@@ -28,7 +28,10 @@ def fake_run(root: Path, seed: int, ppo_reward: float) -> Path:
                         "kl_to_ref": {"mean": 0.0, "ci": [0.0, 0.0], "n": 40}}, "mc": None, "judge": None},
         "ppo": {"gen": {"gold_reward": {"mean": ppo_reward, "ci": [ppo_reward - 0.1, ppo_reward + 0.1], "n": 40},
                         "kl_to_ref": {"mean": 4.0, "ci": [3.0, 5.0], "n": 40}},
-                "mc": None, "judge": {"vs": "sft", "win_rate": 0.7, "ci": [0.6, 0.8]}},
+                "mc": {"acc": {"accuracy": 0.25, "stderr": 0.05},
+                       "letters": {"predicted_share": {"A": 0.9, "B": 0.1, "C": 0.0, "D": 0.0}},
+                       "calibration": {"ece": 0.31}},
+                "judge": {"vs": "sft", "win_rate": 0.7, "ci": [0.6, 0.8]}},
     }
     for model in models:
         (ev / model).mkdir(parents=True)
@@ -44,6 +47,8 @@ def test_one_run_shows_intervals_plots_and_escaped_samples(tmp_path):
     html_path, md_path = write_report([run], tmp_path / "out" / "report.html")
     page = html_path.read_text()
     assert "<td>0.600 [0.500, 0.700]</td>" in page and "<td>0.700 [0.600, 0.800]</td>" in page
+    # MC: accuracy 0.25 +- 1.96 * 0.05, the most-picked letter beside it, and calibration.
+    assert "<td>0.250 [0.152, 0.348]</td><td>A: 90%</td><td>0.310</td>" in page
     images = page.count("src='data:image/png;base64,")
     assert images == 3, "frontier + sft curves + ppo curves"
     first = page.split("base64,")[1].split("'")[0]
