@@ -12,6 +12,9 @@ A recipe is one YAML file:
 Each stage kind has its own dataclass (a subclass of `StageConfig`) defined by the stage package; the
 recipes package passes the mapping kind -> dataclass to `load_recipe`, so `common` imports no stage.
 Relative paths in a recipe are relative to the recipe file.
+
+A stage block may carry `sweep: {ARGS_KEY: [v1, v2, ...]}`: the loader replaces it by one ordinary stage per value
+(see `expand_sweeps`), before anything is built or checked.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import copy
 import dataclasses
 import graphlib
 import hashlib
+import itertools
 import json
+import re
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +112,11 @@ class StageConfig:
             refs.append(self.data.stage)
         return refs
 
+    def group_references(self) -> list[str]:
+        """The references that may name a swept stage, standing for every stage it was expanded into (e.g. an eval
+        stage's models); any other reference to a swept stage is ambiguous, an error. Subclasses extend."""
+        return []
+
     def validate(self, recipe: Recipe, where: str) -> None:
         """Checks that need the whole recipe or the file system; subclasses extend."""
         if self.trl_config is not None:
@@ -145,10 +155,12 @@ class Recipe:
 
     # Filled by load_recipe, not by the YAML.
     source: Path = field(default=Path("recipe.yaml"), init=False, repr=False)
+    # A swept stage's name -> the names of the stages it was expanded into (see expand_sweeps).
+    sweeps: dict[str, list[str]] = field(default_factory=dict, init=False, repr=False)
 
     def order(self) -> list[str]:
         """Stage names in dependency order (ties in file order)."""
-        sorter = graphlib.TopologicalSorter({name: st.references() for name, st in self.stages.items()})
+        sorter = graphlib.TopologicalSorter({name: self.inputs(name) for name in self.stages})
         try:
             ready = list(sorter.static_order())
         except graphlib.CycleError as e:
@@ -159,15 +171,20 @@ class Recipe:
         # static_order is a valid order; re-sort stably by (depth, file position) for readable runs.
         depth: dict[str, int] = {}
         for name in ready:
-            depth[name] = 1 + max((depth[r] for r in self.stages[name].references()), default=-1)
+            depth[name] = 1 + max((depth[r] for r in self.inputs(name)), default=-1)
         return sorted(ready, key=lambda n: (depth[n], position[n]))
+
+    def inputs(self, name: str) -> list[str]:
+        """The stages `name` reads from; a swept stage's name (in its group_references) stands for every stage it
+        was expanded into."""
+        return [member for ref in self.stages[name].references() for member in self.sweeps.get(ref, [ref])]
 
     def stage_hash(self, name: str) -> str:
         """Hash of what determines a stage's output: its config, the model block, the seed and, through
         their hashes, the stages it reads from. Resume reuses a done stage only when this is unchanged."""
         stage = self.stages[name]
         payload = {"stage": to_dict(stage), "model": to_dict(self.model), "seed": self.seed,
-                   "inputs": {r: self.stage_hash(r) for r in stage.references()}}
+                   "inputs": {r: self.stage_hash(r) for r in self.inputs(name)}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def resolve_path(self, path: str) -> Path:
@@ -243,6 +260,82 @@ def apply_override(data: dict, parts: list[str], value: Any, label: str) -> None
     node[parts[-1]] = value
 
 
+# --- sweeps -----------------------------------------------------------------------------------------
+
+def expand_sweeps(stages_raw: dict, kinds: dict[str, type[StageConfig]],
+                  source: str) -> tuple[dict, dict[str, list[str]]]:
+    """Replace every stage block that has a `sweep` by one block per value; return the blocks (in file order) and
+    swept name -> expanded names.
+
+        dpo: {kind: dpo, from: sft, args: {max_steps: 40}, sweep: {beta: [0.1, 0.5]}}
+    becomes
+        dpo-beta0p1: {kind: dpo, from: sft, args: {max_steps: 40, beta: 0.1}}
+        dpo-beta0p5: {kind: dpo, from: sft, args: {max_steps: 40, beta: 0.5}}
+
+    `sweep` maps keys of the stage's `args` to non-empty lists; several keys sweep every combination, named
+    `dpo-beta0p1-learning_rate1e-05`. Each expanded stage is an ordinary stage (its own folder, done marker, hash),
+    evaluated like any other model. A reference that takes several models (one of a stage's `group_references`,
+    e.g. an eval stage's models) may name the swept stage, which then stands for all of them (`Recipe.inputs`);
+    any other reference to it (`from:`, `data.stage`, ...) would be ambiguous and is an error: it names one
+    expanded stage instead.
+    """
+    expanded: dict = {}
+    sweeps: dict[str, list[str]] = {}
+    for name, block in stages_raw.items():
+        if not isinstance(block, dict) or "sweep" not in block:
+            expanded[name] = block
+            continue
+        where = f"stages.{name}.sweep"
+        grid = block["sweep"]
+        if not isinstance(grid, dict) or not grid:
+            raise InputError(f"{source}: {where} must map keys of args to lists of values, e.g. "
+                             f"sweep: {{beta: [0.1, 0.5]}}; got {grid!r}")
+        args = block.get("args") or {}
+        if not isinstance(args, dict):
+            raise InputError(f"{source}: stages.{name}.args must be a mapping of keys to values, "
+                             f"got {type(args).__name__}")
+        kind = block.get("kind")
+        config_cls = getattr(kinds.get(kind) if isinstance(kind, str) else None, "trl_config", None)
+        for key, values in grid.items():
+            if config_cls is not None:
+                valid = [f.name for f in dataclasses.fields(config_cls) if f.init]
+                if key not in valid:
+                    raise unknown_key_error(str(key), valid, where, source)
+            if not isinstance(values, list) or not values:
+                raise InputError(f"{source}: {where}.{key} must be a non-empty list of values to try, e.g. "
+                                 f"[0.1, 0.5]; got {values!r}")
+            if key in args:
+                raise InputError(f"{source}: stages.{name}: '{key}' is set both in args and in sweep; keep it "
+                                 "in one place")
+        sweeps[name] = []
+        for combo in itertools.product(*grid.values()):
+            member = "-".join([name, *(f"{key}{_sweep_label(v)}" for key, v in zip(grid, combo, strict=True))])
+            if isinstance(stages_raw.get(member), dict) and "kind" not in stages_raw[member]:
+                raise InputError(f"{source}: stages.{member} is created by the sweep of stages.{name}, after "
+                                 f"overrides apply; override stages.{name} instead (it applies to every value)")
+            if member in stages_raw or member in expanded:
+                raise InputError(f"{source}: {where} expands into a stage named '{member}', which already exists; "
+                                 "rename that stage or sweep distinct values")
+            expanded[member] = {k: v for k, v in block.items() if k != "sweep"} | {
+                "args": args | dict(zip(grid, combo, strict=True))}
+            sweeps[name].append(member)
+    return expanded, sweeps
+
+
+def _sweep_label(value: Any) -> str:
+    """A value as it appears in a stage name: 0.1 -> '0p1', 2e-05 -> '2e-05', [ipo, sft] -> 'ipo+sft', true -> 'true'.
+
+    No '.': a stage name is also a `--set stages.NAME.key` path segment and the name of its adapter when models are
+    loaded side by side on one base (peft adapter names cannot contain '.')."""
+    if isinstance(value, list):
+        return "+".join(_sweep_label(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return str(value).replace(".", "p")
+    return re.sub(r"[^A-Za-z0-9_+-]", "_", str(value))
+
+
 # --- loading ----------------------------------------------------------------------------------------
 
 def read_yaml(path: Path) -> dict:
@@ -291,6 +384,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise InputError(f"{path}: 'stages' must be a non-empty mapping of stage name -> stage block")
     kinds = stage_kinds or {}
+    stages_raw, recipe.sweeps = expand_sweeps(stages_raw, kinds, str(path))
     for name, block in stages_raw.items():
         where = f"stages.{name}"
         if not isinstance(block, dict) or "kind" not in block:
@@ -302,7 +396,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
     for name, stage in recipe.stages.items():
         for ref in stage.references():
-            if ref not in recipe.stages:
+            if ref in recipe.sweeps and ref not in stage.group_references():
+                raise InputError(f"{path}: stages.{name} reads from '{ref}', which is swept into "
+                                 f"{', '.join(recipe.sweeps[ref])}; name one of those stages instead")
+            if ref not in recipe.stages and ref not in recipe.sweeps:
                 raise unknown_key_error(ref, list(recipe.stages), f"stages.{name} (a from:/data.stage reference "
                                         "to a stage)", str(path))
     recipe.order()  # raises on cycles

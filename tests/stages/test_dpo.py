@@ -1,0 +1,207 @@
+"""The DPO stage on the tiny in-process model: it learns an easy preference held out, its reference (the SFT
+adapter, or the base) and the base weights stay bit-identical, QLoRA runs on CPU, a beta sweep runs one stage per
+value, and bad input stops with one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from trl import DPOConfig
+
+from common.models import load_base_model, load_tokenizer, resolve_model
+from common.runs import Run, StageContext
+from common.tracking import read_metrics
+from dpo.stage import LOSS_TYPES, build_trainer
+from recipes.cli import main
+from recipes.runner import RunOptions, load, run_recipe
+from tests.conftest import write_jsonl
+
+GOOD = ["great", "lovely", "superb", "good", "moving", "brilliant"]
+BAD = ["awful", "dull", "boring", "bad", "tedious", "weak"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model gains nothing from a second thread, and on a shared, busy machine two OpenMP threads spin
+    waiting for each other's core (a 3 s test takes over a minute): one thread it is."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def preference_rows(n: int, seed: int = 0, chat: bool = False) -> list[dict]:
+    """An easy preference: after any prompt, a positive word beats a negative one. As text, or as chat messages
+    (the preferences stage's shape), with score fields that DPO ignores."""
+    rnd = random.Random(seed)
+    rows = [{"prompt": f"Film {i}:", "chosen": " " + rnd.choice(GOOD), "rejected": " " + rnd.choice(BAD),
+             "score_chosen": 1.0, "score_rejected": -1.0} for i in range(n)]
+    if chat:
+        for r in rows:
+            r |= {"prompt": [{"role": "user", "content": r["prompt"]}],
+                  "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+                  "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]}
+    return rows
+
+
+def dpo_recipe(recipe_file, tmp_path, rows: list[dict] | None = None, **dpo) -> dict:
+    """The conftest SFT recipe plus a DPO stage from it, on a local preference file."""
+    write_jsonl(tmp_path / "prefs.jsonl", rows if rows is not None else preference_rows(64))
+    recipe = yaml.safe_load(recipe_file().read_text())
+    recipe["stages"]["sft"]["args"]["max_steps"] = 2
+    recipe["stages"]["dpo"] = {
+        "kind": "dpo", "from": "sft", "data": {"path": "prefs.jsonl", "test_size": 0.25},
+        "args": {"max_steps": 12, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
+                 "learning_rate": 1e-2, "beta": 0.1, "logging_steps": 2, "save_strategy": "no"}} | dpo
+    return recipe
+
+
+def write_recipe(tmp_path, recipe: dict):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_learns_held_out_preference_while_reference_adapter_and_base_stay_bit_identical(recipe_file, tmp_path):
+    path = write_recipe(tmp_path, dpo_recipe(recipe_file, tmp_path))
+    run = run_recipe(path, RunOptions(overrides=[], stage="sft", output_dir=tmp_path / "runs"))
+    trainer = build_trainer(run.recipe.stages["dpo"], StageContext(run, "dpo"))
+    params = dict(trainer.model.named_parameters())
+    assert set(trainer.model.peft_config) == {"default", "ref"}, "the SFT adapter's frozen copy is the reference"
+    base = {k: v.detach().clone() for k, v in params.items() if "lora_" not in k}
+    ref = {k: v for k, v in params.items() if ".ref." in k}
+    policy_b = {k: v.detach().clone() for k, v in params.items() if "lora_B.default" in k}
+    assert ref and not any(v.requires_grad for v in ref.values())
+
+    trainer.train()
+    held_out = trainer.evaluate()
+
+    assert held_out["eval_rewards/accuracies"] >= 0.9 and held_out["eval_rewards/margins"] > 0
+    assert all(torch.equal(params[k], v) for k, v in base.items()), "base weights moved"
+    sft = load_file(run.stage_dir("sft") / "adapter" / "adapter_model.safetensors")
+    assert len(sft) == len(ref)
+    assert all(torch.equal(params[k], sft[k.replace(".ref.", ".")]) for k in ref), "reference != the SFT adapter"
+    assert all(not torch.equal(params[k], v) for k, v in policy_b.items()), "the policy adapter learnt"
+
+
+def test_beta_sweep_runs_one_stage_per_value_with_reloadable_adapters_and_trl_metric_names(recipe_file, tmp_path):
+    recipe = dpo_recipe(recipe_file, tmp_path, preference_rows(64, chat=True), sweep={"beta": [0.1, 0.5]})
+    del recipe["stages"]["dpo"]["args"]["beta"]
+    recipe["stages"]["dpo"]["args"] |= {"max_steps": 2, "logging_steps": 1}
+    path, runs = write_recipe(tmp_path, recipe), tmp_path / "runs"
+    assert main(["run", str(path), "--output-dir", str(runs), "--run-id", "r"]) == 0
+
+    run = runs / "t" / "r"
+    resolved = yaml.safe_load((run / "resolved.yaml").read_text())["stages"]
+    assert [resolved[s]["args"]["beta"] for s in ("dpo-beta0p1", "dpo-beta0p5")] == [0.1, 0.5]
+    model = resolve_model("tiny-random-llama")
+    tok = load_tokenizer(model)
+    ids = tok("Film 1: great" + tok.eos_token, return_tensors="pt").input_ids
+    base = load_base_model(load(path, [])[0].model, model, training=False)
+    peft = PeftModel.from_pretrained(base, run / "sft" / "adapter", adapter_name="sft").eval()
+    for stage in ("dpo-beta0p1", "dpo-beta0p5"):
+        done = json.loads((run / stage / "done.json").read_text())
+        assert done["outputs"] == {"adapter": "adapter"} and "eval/rewards/accuracies" in done["metrics"]
+        names = set().union(*map(set, read_metrics(run / stage / "metrics.jsonl")))
+        assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "eval/rewards/accuracies", "eval/rewards/margins", "loss/train"} <= names
+        adapter = run / stage / "adapter"
+        assert not (adapter / "ref").exists(), "the frozen reference copy is not part of the output"
+        assert all("lora_" in k for k in load_file(adapter / "adapter_model.safetensors"))
+        peft.load_adapter(adapter, adapter_name=stage)
+    logits = {}
+    with torch.no_grad():
+        for name in ("sft", "dpo-beta0p1", "dpo-beta0p5"):
+            peft.set_adapter(name)
+            logits[name] = peft(ids).logits
+    assert not torch.allclose(logits["dpo-beta0p1"], logits["sft"]), "the DPO adapter reloads, and moved from SFT"
+    assert not torch.allclose(logits["dpo-beta0p1"], logits["dpo-beta0p5"]), "each beta trained its own adapter"
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(recipe_file, tmp_path):
+    recipe = dpo_recipe(recipe_file, tmp_path)
+    recipe["stages"]["dpo"]["args"] |= {"max_steps": 2, "logging_steps": 1, "save_strategy": "steps",
+                                        "save_steps": 1}
+    path, runs = write_recipe(tmp_path, recipe), tmp_path / "runs"
+    common = ["run", str(path), "--output-dir", str(runs), "--run-id", "r"]
+    assert main(common) == 0
+    stage = runs / "t" / "r" / "dpo"
+    whole = load_file(stage / "adapter" / "adapter_model.safetensors")
+    # Interrupted after step 1: the reference adapter is rebuilt from SFT's, the policy from checkpoint-1.
+    shutil.rmtree(stage / "checkpoints" / "checkpoint-2")
+    shutil.rmtree(stage / "adapter")
+    (stage / "done.json").unlink()
+    assert main([*common, "--resume"]) == 0
+    steps = [m["step"] for m in read_metrics(stage / "metrics.jsonl") if "rewards/margins" in m]
+    assert steps == [1, 2, 2], "the resumed run starts after checkpoint-1"
+    resumed = load_file(stage / "adapter" / "adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole)
+
+
+def test_qlora_from_the_base_runs_on_cpu_with_precomputed_reference(recipe_file, tmp_path):
+    import bitsandbytes as bnb
+
+    recipe = dpo_recipe(recipe_file, tmp_path)
+    del recipe["stages"]["dpo"]["from"]  # a new adapter: the reference is the base, adapters disabled
+    recipe["stages"]["dpo"]["args"] |= {"max_steps": 2, "precompute_ref_log_probs": True}
+    path = write_recipe(tmp_path, recipe)
+    loaded, raw = load(path, ["model.quantization=4bit", "model.compute_dtype=float32"])
+    run = Run.create(loaded, "", raw, [], output_dir=tmp_path / "runs")
+    trainer = build_trainer(loaded.stages["dpo"], StageContext(run, "dpo"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    assert set(trainer.model.peft_config) == {"default"} and trainer.ref_model is None
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names
+    lora_b = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_B" in k}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(params[k], v) for k, v in lora_b.items())
+
+
+def test_every_trl_loss_type_is_reachable_from_the_recipe(recipe_file, tmp_path):
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    trl_losses = re.findall(r"`'(\w+)'`", help_text.split("If multiple")[0])
+    assert sorted(trl_losses) == sorted(LOSS_TYPES), "trl's loss types changed: update dpo.stage.LOSS_TYPES"
+    path = write_recipe(tmp_path, dpo_recipe(recipe_file, tmp_path))
+    for loss in LOSS_TYPES:
+        recipe, _ = load(path, [f"stages.dpo.args.loss_type=[{loss}]", "stages.dpo.args.label_smoothing=0.1",
+                                "stages.dpo.args.precompute_ref_log_probs=true"])
+        args = recipe.stages["dpo"].trainer_args(recipe, "stages.dpo", tmp_path)
+        assert args.loss_type == [loss] and args.label_smoothing == 0.1 and args.precompute_ref_log_probs
+
+
+BAD_INPUT = {
+    "chosen equals rejected": ([], "prefs.jsonl: row 3: chosen and rejected are the same text"),
+    "unknown dpo arg": (["stages.dpo.args.bta=0.1"], "unknown key 'bta' at stages.dpo.args; did you mean 'beta'?"),
+    "unknown loss type": (["stages.dpo.args.loss_type=[sigmod]"],
+                          "stages.dpo.args.loss_type: unknown loss 'sigmod'; did you mean 'sigmoid'?"),
+    "exo without smoothing": (["stages.dpo.args.loss_type=[exo_pair]"], "exo_pair needs label_smoothing > 0"),
+    "sweep over an unknown key": (["stages.dpo.sweep={bta: [0.1]}"], "unknown key 'bta' at stages.dpo.sweep"),
+    "sweep over a non-list": (["stages.dpo.sweep={learning_rate: 0.1}"],
+                              "stages.dpo.sweep.learning_rate must be a non-empty list of values"),
+    "full fine-tuning": (["model.lora=null"], "the DPO stage trains a LoRA adapter"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line_and_nothing_written(recipe_file, tmp_path, capsys, case):
+    rows = preference_rows(8)
+    if case == "chosen equals rejected":
+        rows[2]["rejected"] = rows[2]["chosen"] + "  "
+    path = write_recipe(tmp_path, dpo_recipe(recipe_file, tmp_path, rows))
+    overrides, message = BAD_INPUT[case]
+    runs = tmp_path / "runs"
+    argv = ["run", str(path), "--output-dir", str(runs)] + [a for o in overrides for a in ("--set", o)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alignlab: error: ") and message in err[0], err
+    assert not runs.exists(), "nothing is written before the input is valid"
+
