@@ -1,0 +1,212 @@
+"""`RewardModel`: batch-score (prompt, completion) pairs with a reward model saved by the reward_model stage.
+
+A saved reward model is a directory (the stage's `reward_model` output) holding a PEFT LoRA adapter for a
+sequence-classification model (task SEQ_CLS, the scalar head `score` saved with it as a module to save), the
+tokenizer, `score_head.safetensors` (the head alone) and `reward_model.json` (how inputs were formatted).
+
+Two ways to hold it:
+
+    rm = RewardModel.load(directory, recipe.model)        # its own base, in sequence-classification form
+    rm = RewardModel.attach(policy, directory)            # one more frozen adapter on an existing causal-LM PeftModel
+    rm.score(prompts, completions)                         # -> float32 tensor [N]
+
+`attach` is PPO's one-base design: the policy's base weights serve the reward model too. The reward LoRA becomes a
+named adapter ("reward") on the policy's PeftModel; scoring activates it, runs the trunk (the base without its LM
+head), applies the scalar head at the last non-pad token, and restores the previously active adapter, every
+parameter's `requires_grad` and the train/eval flags. Both ways give the same scores (tests/stages/test_reward_model).
+
+Inputs are formatted exactly as trl's RewardTrainer formatted them in training (`reward_trainer.tokenize_fn`):
+- chat format (the preferences stage writes chat records): the prompt (a text is one user message) followed by the
+  completion as the assistant's message, through the tokenizer's chat template;
+- text format: prompt + completion + EOS (EOS added unless the completion ends with it), tokenized as one text.
+The score is read at the last non-pad token (for ChatML, the newline after the closing `<|im_end|>`).
+
+Truncation: a sequence longer than the trained `max_length` keeps its last `max_length` tokens. The score is read at
+the end and the completion being judged is at the end, so cutting the start of the prompt loses the least; trl drops
+such pairs from training, so they are out of distribution either way and a warning counts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+from safetensors.torch import load_file
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoTokenizer
+
+from common.config import ModelConfig
+from common.errors import InputError
+from common.models import load_base_model, resolve_model
+from reward_model.sampling import Messages, as_messages
+
+log = logging.getLogger(__name__)
+
+HEAD = "score"  # the scalar head's attribute in transformers' *ForSequenceClassification models
+HEAD_FILE = "score_head.safetensors"
+INFO_FILE = "reward_model.json"
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """[B] index of each row's last attended position (right or left padding alike)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def keep_last(ids: list[int], max_length: int | None) -> list[int]:
+    return ids if max_length is None or len(ids) <= max_length else ids[-max_length:]
+
+
+@contextlib.contextmanager
+def active_adapter(model: Any, name: str) -> Iterator[None]:
+    """Run `model` (a PeftModel) with adapter `name` active, frozen and in eval mode; afterwards the previous adapter
+    is active again and every parameter's requires_grad and every module's train/eval flag are as they were.
+
+    peft's `set_adapter` also changes which adapters train (it freezes the others), hence the snapshot.
+    """
+    previous = model.active_adapter
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.set_adapter(name, inference_mode=True)
+    model.eval()
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, flag in modes:
+            m.training = flag
+
+
+class RewardModel:
+    """Scores (prompt, completion) pairs; build it with `load` or `attach`."""
+
+    def __init__(self, forward: Callable[[Tensor, Tensor, Tensor], Tensor], tokenizer: Any, chat: bool,
+                 max_length: int | None, device: torch.device):
+        self._forward = forward  # (ids [B, T], attention mask [B, T], position ids [B, T]) -> rewards [B]
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.max_length = max_length
+        self.device = device
+
+    # --- construction ---------------------------------------------------------------------------------
+    @staticmethod
+    def read_info(directory: str | Path) -> dict[str, Any]:
+        path = Path(directory) / INFO_FILE
+        if not path.is_file():
+            raise InputError(f"{directory}: not a saved reward model (no {INFO_FILE}); give the reward_model output "
+                             "of a reward_model stage, e.g. runs/NAME/RUN/rm/reward_model")
+        return json.loads(path.read_text())
+
+    @classmethod
+    def load(cls, directory: str | Path, model_cfg: ModelConfig) -> RewardModel:
+        """The reward model on its own base (the recipe's `model` block), in sequence-classification form."""
+        info = cls.read_info(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        base = load_base_model(model_cfg, resolve_model(model_cfg.base), task="seq-cls", training=False)
+        model = PeftModel.from_pretrained(base, str(directory)).eval()
+        return cls.from_classifier(model, tokenizer, info["chat"], info["max_length"])
+
+    @classmethod
+    def from_classifier(cls, model: Any, tokenizer: Any, chat: bool, max_length: int | None) -> RewardModel:
+        """Wrap a sequence-classification model with one output (or a PeftModel of one) held in memory, e.g. the
+        reward_model stage's own model right after training. The caller chooses train or eval mode."""
+        # The head pools at the last token that is not padding (as in training, where trl sets the same id).
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+        def forward(ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+            return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 0]
+
+        return cls(forward, tokenizer, chat, max_length, next(model.parameters()).device)
+
+    @classmethod
+    def attach(cls, peft_model: Any, directory: str | Path, adapter_name: str = "reward") -> RewardModel:
+        """Load the reward LoRA as a frozen adapter `adapter_name` on `peft_model` (a causal-LM PeftModel over the
+        same base) and the scalar head beside it; scoring switches to that adapter and back."""
+        info = cls.read_info(directory)
+        if adapter_name in peft_model.peft_config:
+            raise ValueError(f"RewardModel.attach: the model already has an adapter named {adapter_name!r}")
+        config = PeftConfig.from_pretrained(str(directory))
+        # The same LoRA on the causal-LM trunk: the head is applied separately, dropout is a training-time thing.
+        config.task_type = peft_model.peft_config[peft_model.active_adapter].task_type
+        config.modules_to_save = None
+        config.inference_mode = True
+        config.lora_dropout = 0.0
+        peft_model.add_adapter(adapter_name, config)
+        weights = {k: v for k, v in load_peft_weights(str(directory)).items() if f".{HEAD}." not in k}
+        loaded = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+        misfit = loaded.unexpected_keys + [k for k in loaded.missing_keys if f".{adapter_name}." in k]
+        if misfit:
+            raise ValueError(f"RewardModel.attach: the adapter in {directory} does not fit the model ({len(misfit)} "
+                             f"weights, first: {misfit[0]}); is the model the reward model's base?")
+
+        trunk_params = next(peft_model.parameters())
+        head_state = load_file(str(Path(directory) / HEAD_FILE))
+        out_features, in_features = head_state["weight"].shape
+        head = torch.nn.Linear(in_features, out_features, bias="bias" in head_state)
+        head.load_state_dict(head_state)
+        head = head.to(device=trunk_params.device, dtype=head_state["weight"].dtype).requires_grad_(False)
+        # The decoder without the LM head (LlamaModel inside LlamaForCausalLM), with the LoRA layers injected.
+        trunk = peft_model.get_base_model().base_model
+
+        def forward(ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+            with active_adapter(peft_model, adapter_name):
+                hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               use_cache=False).last_hidden_state
+            last = hidden[torch.arange(len(ids), device=hidden.device), last_token_index(mask)]
+            return head(last.to(head.weight.dtype))[:, 0]
+
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return cls(forward, tokenizer, info["chat"], info["max_length"], trunk_params.device)
+
+    # --- scoring --------------------------------------------------------------------------------------
+    def encode(self, prompt: str | Messages, completion: str | Messages) -> list[int]:
+        """Token ids of one pair, formatted as in training (see the module docstring), before truncation."""
+        tok = self.tokenizer
+        if self.chat:
+            messages = as_messages(prompt, "user") + as_messages(completion, "assistant")
+            return list(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError("RewardModel.encode: this reward model was trained on text pairs; pass text, not messages")
+        text = prompt + completion
+        return list(tok(text if text.endswith(tok.eos_token) else text + tok.eos_token).input_ids)
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str | Messages], completions: Sequence[str | Messages],
+              batch_size: int = 16) -> Tensor:
+        """Rewards of the pairs (prompts[i], completions[i]): a float32 tensor [N] on the CPU."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"RewardModel.score: {len(prompts)} prompts but {len(completions)} completions")
+        encoded = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        too_long = sum(self.max_length is not None and len(ids) > self.max_length for ids in encoded)
+        if too_long:
+            log.warning("reward model: %d of %d inputs are longer than max_length %d; scoring their last %d tokens",
+                        too_long, len(encoded), self.max_length, self.max_length)
+        out = []
+        for start in range(0, len(encoded), batch_size):
+            rows = [torch.tensor(keep_last(ids, self.max_length)) for ids in encoded[start:start + batch_size]]
+            # Right-padded, as trl's DataCollatorForPreference batched them in training.
+            ids = pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+            mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0)
+            out.append(self.score_ids(ids, mask))
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Rewards of a batch of formatted token ids ([B, T], padded on either side): float32 [B] on the CPU.
+
+        Positions are counted over attended tokens only (`cumsum(mask) - 1`), so a left-padded row gets the
+        positions it would have alone, as in training.
+        """
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return self._forward(ids, mask, positions).float().cpu()

@@ -1,0 +1,188 @@
+"""The reward_model stage on the tiny in-process model: it learns an easy preference, its saved adapter and head reload
+the same way alone (`RewardModel.load`) and on a policy's base (`RewardModel.attach`), it starts from the SFT adapter,
+it formats inputs as trl did, and bad pairs stop the CLI before anything is written."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from common.models import load_trainable_model, resolve_model
+from common.runs import Run, StageContext
+from recipes.cli import main
+from recipes.runner import RunOptions, load, run_recipe
+from reward_model.api import HEAD_FILE, RewardModel
+from reward_model.stage import build_trainer
+from tests.conftest import sft_rows, write_jsonl
+
+WORDS = "the a film plot cast story scene music light slow long dark old new".split()
+
+
+def marker_pairs(n: int, seed: int, chat: bool = True) -> list[dict]:
+    """Random word salads; the chosen one ends with the marker ':)', the rejected one with ':('. As chat records
+    (what the preferences stage writes) or as text."""
+    rng = random.Random(seed)
+
+    def text() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6)))
+
+    rows = [{"prompt": f"Review film {seed}-{i}.", "chosen": f"{text()} :)", "rejected": f"{text()} :(",
+             "score_chosen": 1.0, "score_rejected": 0.0} for i in range(n)]
+    if chat:
+        rows = [r | {"prompt": [{"role": "user", "content": r["prompt"]}],
+                     "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                     "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+    return rows
+
+
+def recipe(tmp_path, rm: dict) -> dict:
+    write_jsonl(tmp_path / "sft.jsonl", sft_rows(8))
+    return {
+        "name": "t",
+        "model": {"base": "tiny-random-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "stages": {
+            "sft": {"kind": "sft", "data": {"path": "sft.jsonl", "test_size": 0},
+                    "args": {"max_steps": 1, "per_device_train_batch_size": 4, "save_strategy": "no"}},
+            "rm": {"kind": "reward_model", "from": "sft", "data": {"path": "rm.jsonl", "test_path": "rm_test.jsonl"},
+                   "args": {"max_steps": 10, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
+                            "logging_steps": 4, "save_strategy": "no", "eval_strategy": "no"}} | rm,
+        },
+    }
+
+
+def write_recipe(tmp_path, rm: dict | None = None, rows: list[dict] | None = None, chat: bool = True):
+    write_jsonl(tmp_path / "rm.jsonl", rows if rows is not None else marker_pairs(40, seed=0, chat=chat))
+    write_jsonl(tmp_path / "rm_test.jsonl", marker_pairs(16, seed=1, chat=chat))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(tmp_path, rm or {}), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rm")
+    return run_recipe(write_recipe(tmp), RunOptions(overrides=[], output_dir=tmp / "runs"))
+
+
+def test_learns_a_marker_preference_to_90_percent_held_out(trained):
+    done = json.loads((trained.stage_dir("rm") / "done.json").read_text())
+    assert done["outputs"] == {"reward_model": "reward_model"}
+    assert done["metrics"]["eval/accuracy"] >= 0.9
+    assert done["metrics"]["eval/gold_accuracy"] >= 0.9
+    assert done["metrics"]["eval/margin"] > 0
+
+    saved = trained.stage_dir("rm") / "reward_model"
+    config = json.loads((saved / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    weights = load_file(saved / "adapter_model.safetensors")
+    head = load_file(saved / HEAD_FILE)
+    assert torch.equal(head["weight"], weights["base_model.model.score.weight"])
+    assert all("lora_" in k or ".score." in k for k in weights), "only the adapter and the head, not the base"
+
+
+def test_starts_from_the_sft_adapter_and_formats_inputs_as_trl(trained):
+    trainer, splits = build_trainer(trained.recipe.stages["rm"], StageContext(trained, "rm"))
+    sft = load_file(trained.stage_dir("sft") / "adapter" / "adapter_model.safetensors")
+    params = dict(trainer.model.named_parameters())
+    assert sft and all(torch.equal(params[k.replace(".weight", ".default.weight")], v) for k, v in sft.items())
+    assert all(params[k].requires_grad for k in params if "lora_" in k or "modules_to_save" in k)
+    assert not any(p.requires_grad for k, p in params.items() if "lora_" not in k and "modules_to_save" not in k)
+
+    rm = RewardModel.load(trained.stage_dir("rm") / "reward_model", trained.recipe.model)
+    assert rm.chat
+    for i in (0, 5):
+        row = splits.train[i]
+        assert rm.encode(row["prompt"], row["chosen"]) == trainer.train_dataset[i]["chosen_ids"]
+        assert rm.encode(row["prompt"], row["rejected"]) == trainer.train_dataset[i]["rejected_ids"]
+
+
+def test_attach_on_the_policy_base_scores_as_load_and_restores_the_policy(trained):
+    cfg = trained.recipe.model
+    saved = trained.stage_dir("rm") / "reward_model"
+    rows = marker_pairs(6, seed=1, chat=False)  # text, as PPO has it: read as one user and one assistant message
+    prompts = [r["prompt"] for r in rows] * 2
+    completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    alone = RewardModel.load(saved, cfg).score(prompts, completions, batch_size=4)
+
+    policy = load_trainable_model(cfg, resolve_model(cfg.base), trained.stage_dir("sft") / "adapter")
+    probe = torch.tensor([[5, 40, 41, 42, 43]])
+    with torch.no_grad():
+        logits_before = policy(input_ids=probe).logits
+    grads = {k: p.requires_grad for k, p in policy.named_parameters()}
+    attached = RewardModel.attach(policy, saved).score(prompts, completions, batch_size=5)
+
+    assert torch.allclose(attached, alone, atol=1e-5)
+    assert alone[:6].mean() > alone[6:].mean() + 1.0, "trained scores, the marker preferred"
+    assert policy.active_adapter == "default" and policy.training
+    assert {k: p.requires_grad for k, p in policy.named_parameters() if ".reward." not in k} == grads
+    assert not any(p.requires_grad for k, p in policy.named_parameters() if ".reward." in k)
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=probe).logits, logits_before), "the policy is the policy again"
+
+
+def test_text_pairs_with_a_gold_gap_margin(tmp_path):
+    path = write_recipe(tmp_path, {"margin": "gold_gap", "from": None}, rows=marker_pairs(4, seed=0, chat=False),
+                        chat=False)
+    recipe, raw = load(path, [])
+    run = Run.create(recipe, "", raw, [], output_dir=tmp_path / "runs")
+    trainer, splits = build_trainer(recipe.stages["rm"], StageContext(run, "rm"))
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    assert batch["margin"].tolist() == [1.0, 1.0]  # |1.0 - 0.0|
+
+    rm = RewardModel.from_classifier(trainer.model, trainer.processing_class, chat=False, max_length=None)
+    row = splits.train[0]
+    ids = rm.encode(row["prompt"], row["chosen"])  # prompt + completion + EOS, tokenized as one text
+    assert ids == trainer.train_dataset[0]["chosen_ids"] and ids[-1] == trainer.processing_class.eos_token_id
+
+
+def test_qlora_reward_model_trains_and_reloads_on_cpu(tmp_path):
+    path = write_recipe(tmp_path, {"from": None}, rows=marker_pairs(8, seed=0))
+    overrides = ["model.quantization=4bit", "model.compute_dtype=float32", "stages.rm.args.max_steps=2",
+                 "stages.rm.data.test_path=null", "stages.rm.data.test_size=0"]
+    run = run_recipe(path, RunOptions(overrides=overrides, output_dir=tmp_path / "runs", stage="rm"))
+    saved = run.stage_dir("rm") / "reward_model"
+    head = load_file(saved / HEAD_FILE)["weight"]
+    scores = RewardModel.load(saved, run.recipe.model).score(["Review film 1."] * 2, ["a film :)", "a film :("])
+    assert head.dtype == torch.float32 and torch.isfinite(scores).all() and scores[0] != scores[1]
+
+
+def bad_rows(case: str) -> list[dict]:
+    rows = marker_pairs(4, seed=0, chat=False)
+    if case == "empty chosen":
+        rows[1]["chosen"] = "  "
+    elif case == "chosen equals rejected":
+        rows[2]["rejected"] = rows[2]["chosen"]
+    elif case == "missing field":
+        del rows[3]["rejected"]
+    return rows
+
+
+CASES = {
+    "empty chosen": "rm.jsonl: row 2: 'chosen' is empty",
+    "chosen equals rejected": "rm.jsonl: row 3: chosen and rejected are the same text",
+    "missing field": "rm.jsonl: row 4: missing 'rejected'",
+    "gold_gap without scores": "no 'score_chosen' column, which stages.rm.margin: gold_gap reads",
+    "lora null": "stages.rm: the reward model is trained as a LoRA adapter",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, capsys, case):
+    rows = bad_rows(case)
+    overrides = []
+    if case == "gold_gap without scores":
+        rows = [{k: v for k, v in r.items() if not k.startswith("score")} for r in rows]
+        overrides = ["--set", "stages.rm.margin=gold_gap"]
+    if case == "lora null":
+        overrides = ["--set", "model.lora=null"]
+    path = write_recipe(tmp_path, rows=rows, chat=False)
+    runs = tmp_path / "runs"
+    assert main(["run", str(path), "--output-dir", str(runs), *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alignlab: error: ") and CASES[case] in err[0], err
+    assert not runs.exists(), "nothing is written before the input is valid"
