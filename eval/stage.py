@@ -1,0 +1,585 @@
+"""The eval stage: every named model on the same suites, with the same seeds, side by side.
+
+```yaml
+eval:
+  kind: eval
+  models: [base, sft, dpo]        # `base` is the recipe's base model; a swept stage stands for all its members
+  generation:
+    prompts: {path: ../../data/sentiment/prompts_heldout.jsonl}
+    samples_per_prompt: 4
+    max_new_tokens: 64
+    temperature: 1.0
+    scorer: vader                 # a gold scorer (reward_model.scorers); null = none
+    reward_model: rm              # a reward_model stage scores every completion too; null = none
+    reference: sft                # KL(model || reference) from the samples; null = none
+  mc: {data: {path: ../../data/mc}, shots: 0, mode: letter, chat_template: false}
+  judge: {baseline: sft}          # + any judge key (eval.judge.config); the local judge is the base model
+```
+
+Outputs (the report reads these names):
+  results.json          {"models": {NAME: entry}, "config": {...}}, entry = {"source", "gen", "mc", "judge"}
+  NAME/results.json     that model's entry
+  NAME/samples.jsonl    its completions with their prompts and scores (eval.generation.sample_rows)
+  metrics.jsonl         flat `eval/NAME/...` scalars
+
+Models are held as the design says: one base model in memory, every stage's adapter loaded onto it as a named peft
+adapter, `base` being the same model with adapters disabled (`ModelPool`). The engine (`evaluate_models`) is
+shared with the `alignlab eval` and `alignlab judge` commands (eval/cli.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from common.config import DataSpec, ModelConfig, Recipe, StageConfig
+from common.data import load_splits
+from common.errors import InputError
+from common.runs import StageContext, StageResult, atomic_write_text
+from common.schema import to_dict, unknown_key_error
+from common.tracking import Tracker
+from eval.generation import (
+    ModelSamples,
+    Prompt,
+    SamplingSettings,
+    encode_prompts,
+    kl_to_reference,
+    prompt_text,
+    sample_model,
+    sample_rows,
+    summarize,
+)
+
+log = logging.getLogger(__name__)
+
+BASE = "base"  # in `models:`, the recipe's base model
+
+
+# --- the recipe block --------------------------------------------------------------------------------
+
+@dataclass
+class MCDataSpec:
+    """Multiple-choice questions (eval.mc.data.load_questions): a local folder or file, or a hub dataset."""
+
+    path: str | None = None      # a folder with <split>.jsonl (recipes/data/mc), MMLU CSVs, or one table file
+    hub: str | None = None       # a hub dataset in the cais/mmlu layout (needs internet)
+    split: str = "test"
+    dev_path: str | None = None  # k-shot examples; by default the same source's `dev_split`
+    dev_split: str = "dev"
+    subject: str | None = None   # keep one subject
+    limit: int | None = None     # the first N questions
+
+    def __post_init__(self):
+        if bool(self.path) == bool(self.hub):
+            raise ValueError("needs exactly one of path / hub: a local folder or file of questions, or a hub dataset")
+
+
+@dataclass
+class MCBlock:
+    data: MCDataSpec
+    shots: int = 0
+    mode: Literal["letter", "cloze"] = "letter"
+    chat_template: bool = False
+    batch_size: int = 8
+
+
+@dataclass
+class GenerationBlock:
+    # Every row is a prompt; with test_path, or a stage's data, the held-out file is used.
+    prompts: DataSpec
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    batch_size: int = 16
+    scorer: Any = None               # a gold scorer spec (reward_model.scorers), e.g. vader
+    reward_model: str | None = None  # a reward_model stage
+    reference: str | None = None     # a model name (base or a stage) for KL(model || reference)
+
+
+@dataclass
+class EvalStage(StageConfig):
+    models: list[str] = field(default_factory=lambda: [BASE])
+    generation: GenerationBlock | None = None
+    mc: MCBlock | None = None
+    # The judge section of eval.judge.config (backend, local / http, templates, cache, ...) plus `baseline`.
+    judge: dict[str, Any] | None = None
+
+    def references(self) -> list[str]:
+        refs = self.group_references()
+        gen = self.generation
+        if gen is not None:
+            refs += [r for r in (gen.reward_model, gen.reference, gen.prompts.stage) if r and r != BASE]
+        return list(dict.fromkeys(refs))
+
+    def group_references(self) -> list[str]:
+        # A swept stage in `models` stands for all its members: each is evaluated (Recipe.inputs runs them first).
+        return [m for m in self.models if m != BASE]
+
+    def validate(self, recipe: Recipe, where: str) -> None:
+        super().validate(recipe, where)
+        if self.from_ or self.data is not None or self.args:
+            raise InputError(f"recipe: {where}: an eval stage takes no from / data / args; name the models to "
+                             "evaluate in models: and the data in generation.prompts / mc.data")
+        if BASE in recipe.stages:
+            raise InputError(f"recipe: stages.{BASE}: '{BASE}' names the base model in an eval stage's models; "
+                             "rename that stage")
+        if self.generation is None and self.mc is None:
+            raise InputError(f"recipe: {where} evaluates nothing; add a generation block, an mc block or both")
+        names = self.model_names(recipe, where)
+        if self.generation is not None:
+            generation_plan(self.generation, recipe, f"{where}.generation")
+        if self.mc is not None:
+            mc_plan(self.mc, recipe, f"{where}.mc", check_only=True)
+        if self.judge is not None:
+            if self.generation is None:
+                raise InputError(f"recipe: {where}.judge compares generated answers; add a generation block")
+            judge_plan(self.judge, recipe, f"{where}.judge", names)
+
+    def model_names(self, recipe: Recipe, where: str) -> list[str]:
+        """`models` with every swept stage replaced by its members, each checked to be a model."""
+        if not self.models:
+            raise InputError(f"recipe: {where}.models is empty; name at least one model, e.g. [{BASE}, sft]")
+        names = [member for name in self.models for member in recipe.sweeps.get(name, [name])]
+        for name in names:
+            check_model_name(name, recipe, f"{where}.models")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise InputError(f"recipe: {where}.models names {', '.join(duplicates)} twice; list each model once")
+        return names
+
+
+def check_model_name(name: str, recipe: Recipe, where: str) -> None:
+    if name == BASE:
+        return
+    if name not in recipe.stages:
+        raise unknown_key_error(name, [BASE, *recipe.stages], f"{where} (a model: '{BASE}' or a stage)",
+                                "recipe")
+    if isinstance(recipe.stages[name], EvalStage):
+        raise InputError(f"recipe: {where}: '{name}' is an eval stage, which trains no model; name '{BASE}' or "
+                         "a training stage")
+
+
+# --- plans: what to run, built from the recipe (for the stage) or from arguments (for the CLI) -------
+
+@dataclass
+class RewardModelSource:
+    directory: Path
+    model: ModelConfig  # the base the reward model's adapter sits on
+
+
+@dataclass
+class GenerationPlan:
+    prompts: list[Prompt]
+    settings: SamplingSettings
+    scorer: Any = None  # a reward_model.scorers.Scorer
+    reward_model: RewardModelSource | None = None
+    reference: str | None = None
+
+
+@dataclass
+class MCPlan:
+    questions: list
+    dev: list | None
+    shots: int = 0
+    mode: str = "letter"
+    chat_template: bool = False
+    batch_size: int = 8
+
+
+@dataclass
+class JudgePlan:
+    config: Any  # eval.judge.JudgeConfig
+    baseline: str
+
+
+def load_prompts(spec: DataSpec, recipe: Recipe, where: str, stage_dir: Path | None = None) -> list[Prompt]:
+    """Every row's prompt, or the held-out rows where the source has them (test_path, a stage's test.jsonl)."""
+    splits = load_splits(dataclasses.replace(spec, test_size=0.0), recipe, "prompt", where, stage_dir)
+    rows = splits.test if splits.test is not None else splits.train
+    if spec.limit is not None:
+        rows = rows.select(range(min(spec.limit, len(rows))))
+    return list(rows["prompt"])
+
+
+def check_sampling(settings: SamplingSettings, label: Callable[[str], str]) -> None:
+    """`label(key)` names a setting in messages: its recipe key or its command-line flag."""
+    for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+        if getattr(settings, key) < 1:
+            raise InputError(f"{label(key)} must be >= 1, got {getattr(settings, key)}")
+    if settings.temperature <= 0:
+        raise InputError(f"{label('temperature')} must be > 0 (the KL estimate needs a sampling distribution), "
+                         f"got {settings.temperature}")
+
+
+def generation_plan(block: GenerationBlock, recipe: Recipe, where: str,
+                    ctx: StageContext | None = None) -> GenerationPlan:
+    """Check the generation block; with a run context (at run time) also locate the reward model's directory."""
+    from reward_model.scorers import build_scorer
+
+    settings = SamplingSettings(block.samples_per_prompt, block.max_new_tokens, block.temperature, block.batch_size,
+                                recipe.seed)
+    check_sampling(settings, lambda key: f"recipe: {where}.{key}")
+    if block.prompts.stage and ctx is None:
+        prompts = []  # that stage writes them when it runs
+    else:
+        stage_dir = ctx.run.stage_dir(block.prompts.stage) if block.prompts.stage else None
+        prompts = load_prompts(block.prompts, recipe, f"{where}.prompts", stage_dir)
+    scorer = build_scorer(block.scorer, f"{where}.scorer") if block.scorer is not None else None
+    if block.reference is not None:
+        check_model_name(block.reference, recipe, f"{where}.reference")
+    reward_model = None
+    if block.reward_model is not None:
+        if block.reward_model not in recipe.stages:
+            raise unknown_key_error(block.reward_model, list(recipe.stages), f"{where}.reward_model (a reward_model "
+                                    "stage)", "recipe")
+        if recipe.stages[block.reward_model].kind != "reward_model":
+            raise InputError(f"recipe: {where}.reward_model: '{block.reward_model}' is a "
+                             f"{recipe.stages[block.reward_model].kind} stage; name a reward_model stage")
+        if ctx is not None:
+            reward_model = RewardModelSource(ctx.input_path(block.reward_model, "reward_model"), recipe.model)
+    return GenerationPlan(prompts, settings, scorer, reward_model, block.reference)
+
+
+def load_mc_questions(source: str | Path, split: str, dev_source: str | Path | None, dev_split: str, shots: int,
+                      subject: str | None, limit: int | None, where: str) -> tuple[list, list | None]:
+    """Test questions (the first `limit`) and, for k-shot prompts, the dev questions."""
+    from eval.mc.data import load_questions
+
+    if shots < 0:
+        raise InputError(f"{where}: shots must be >= 0, got {shots}")
+    if limit is not None and limit < 1:
+        raise InputError(f"{where}: limit must be >= 1, got {limit}")
+    if shots > 0 and dev_source is None and Path(source).is_file():
+        raise InputError(f"{where}: {shots}-shot prompts need dev examples, and {source} is a single file; give "
+                         "a dev file (dev_path in a recipe, --dev on the command line) or a folder with dev.jsonl")
+    questions = load_questions(source, split=split, subject=subject)
+    if limit is not None:
+        questions = questions[:limit]
+    dev = load_questions(dev_source or source, split=dev_split, subject=subject) if shots > 0 else None
+    return questions, dev
+
+
+def mc_plan(block: MCBlock, recipe: Recipe, where: str, check_only: bool = False) -> MCPlan | None:
+    spec = block.data
+    if block.batch_size < 1:
+        raise InputError(f"recipe: {where}.batch_size must be >= 1, got {block.batch_size}")
+    if check_only and spec.hub:
+        return None  # a hub dataset is read when the stage runs (it needs internet)
+    source = str(recipe.resolve_path(spec.path)) if spec.path else spec.hub
+    dev_source = str(recipe.resolve_path(spec.dev_path)) if spec.dev_path else None
+    questions, dev = load_mc_questions(source, spec.split, dev_source, spec.dev_split, block.shots, spec.subject,
+                                       spec.limit, f"recipe: {where}")
+    return MCPlan(questions, dev, block.shots, block.mode, block.chat_template, block.batch_size)
+
+
+def judge_plan(block: dict[str, Any], recipe: Recipe, where: str, names: Sequence[str]) -> JudgePlan:
+    """The judge config with the lab's defaults: a local judge is the recipe's base model unless it names one;
+    template and cache paths are relative to the recipe."""
+    from eval.judge import judge_config_from_dict
+
+    block = dict(block)
+    baseline = block.pop("baseline", None)
+    if not isinstance(baseline, str):
+        raise InputError(f"recipe: {where}.baseline is required: the model every other model is compared with, "
+                         f"one of {', '.join(names)}")
+    if baseline not in names:
+        raise InputError(f"recipe: {where}.baseline '{baseline}' is not among the models evaluated "
+                         f"({', '.join(names)}); add it to models or choose one of them")
+    local = block.get("local")
+    if block.setdefault("backend", "local") == "local" and (local is None or isinstance(local, dict)):
+        block["local"] = {"model": recipe.model.base} | (local or {})
+    for key in ("pairwise_template", "single_template", "reference_template", "cache"):
+        if isinstance(block.get(key), str):
+            block[key] = str(recipe.resolve_path(block[key]))
+    return JudgePlan(judge_config_from_dict(block, where), baseline)
+
+
+# --- models ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to evaluate: `model.base` (with its dtype and quantization) plus, optionally, a PEFT adapter."""
+
+    name: str
+    model: ModelConfig
+    adapter: Path | None = None
+    description: str = ""
+
+
+def stage_model_source(name: str, model: ModelConfig, stage_dir: Path, outputs: dict[str, str]) -> ModelSource:
+    """The model a training stage saved: its `adapter` on the base, or (full fine-tuning) its `model` directory."""
+    if "adapter" in outputs:
+        path = stage_dir / outputs["adapter"]
+        return ModelSource(name, model, path, f"{name}: adapter {path}")
+    if "model" in outputs:
+        path = stage_dir / outputs["model"]
+        return ModelSource(name, dataclasses.replace(model, base=str(path)), None, f"{name}: model {path}")
+    raise InputError(f"stage '{name}' saved no model (its outputs: {', '.join(outputs) or 'none'}); evaluate a "
+                     "stage that trains one (an adapter or a model)")
+
+
+def eval_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ModelPool:
+    """Holds one base model at a time, with every adapter on that base loaded as a named peft adapter; switching
+    between them is `set_adapter` (or `disable_adapter` for the base itself), never a second copy of the base.
+    Sources on other bases (another model, a fully fine-tuned stage) replace the loaded one when they are used."""
+
+    def __init__(self, sources: Sequence[ModelSource]):
+        self.sources = {s.name: s for s in sources}
+        self._key: tuple | None = None
+        self._model = None
+        self._tokenizer = None
+        self._adapters: dict[str, str] = {}
+
+    @staticmethod
+    def _base_key(source: ModelSource) -> tuple:
+        m = source.model
+        return (m.base, m.dtype, m.quantization, m.quant_type, m.double_quant, m.compute_dtype)
+
+    def _load(self, key: tuple, cfg: ModelConfig) -> None:
+        from peft import PeftModel
+
+        from common.models import load_base_model, load_tokenizer, resolve_model
+
+        self.close()
+        resolved = resolve_model(cfg.base)
+        model = load_base_model(cfg, resolved, training=False)
+        if cfg.quantization == "none":  # bitsandbytes layers were placed when they loaded
+            model = model.to(eval_device())
+        on_base = [s for s in self.sources.values() if s.adapter is not None and self._base_key(s) == key]
+        for i, source in enumerate(on_base):
+            # Our own names: stage names may hold '.', which torch module names may not.
+            self._adapters[source.name] = f"adapter{i}"
+            if i == 0:
+                model = PeftModel.from_pretrained(model, source.adapter, adapter_name="adapter0")
+            else:
+                model.load_adapter(source.adapter, adapter_name=f"adapter{i}")
+        self._model, self._tokenizer, self._key = model.eval(), load_tokenizer(resolved), key
+        log.info("loaded %s with %d adapter(s)", cfg.base, len(on_base))
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[tuple[Any, Any]]:
+        """(model, tokenizer) as the model `name`."""
+        from peft import PeftModel
+
+        source = self.sources[name]
+        key = self._base_key(source)
+        if key != self._key:
+            self._load(key, source.model)
+        model = self._model
+        if source.adapter is not None:
+            model.set_adapter(self._adapters[name], inference_mode=True)
+            context = contextlib.nullcontext()
+        else:
+            context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+        with context:
+            yield model, self._tokenizer
+
+    def close(self) -> None:
+        self._model = self._tokenizer = self._key = None
+        self._adapters = {}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --- the engine --------------------------------------------------------------------------------------
+
+@dataclass
+class ModelResult:
+    source: str
+    gen: dict[str, Any] | None = None
+    mc: dict[str, Any] | None = None
+    judge: dict[str, Any] | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def entry(self) -> dict[str, Any]:
+        return {"source": self.source, "gen": self.gen, "mc": self.mc, "judge": self.judge}
+
+
+def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan | None = None,
+                    mc: MCPlan | None = None, judge: JudgePlan | None = None) -> dict[str, ModelResult]:
+    """Run the suites over `names` (all in `pool`, as is the reference). Each model is made active once for its
+    samples and MC questions; then the reference once for every model's KL; then the models are freed before the
+    reward model and the judge load."""
+    from eval.mc import evaluate_mc
+
+    results = {name: ModelResult(pool.sources[name].description or name) for name in names}
+    samples: dict[str, ModelSamples] = {}
+    vocabularies: dict[str, dict] = {}
+    for i, name in enumerate(names, 1):
+        log.info("model %d/%d: %s", i, len(names), name)
+        with pool.use(name) as (model, tokenizer):
+            if gen is not None:
+                encoded = encode_prompts(tokenizer, gen.prompts, name)
+                samples[name] = sample_model(model, tokenizer, encoded, gen.settings, desc=f"sampling {name}")
+                vocabularies[name] = tokenizer.get_vocab()
+            if mc is not None:
+                results[name].mc = evaluate_mc(model, tokenizer, mc.questions, mc.dev, shots=mc.shots, mode=mc.mode,
+                                               chat_template=mc.chat_template, batch_size=mc.batch_size)
+    if gen is None:
+        pool.close()
+        return results
+
+    kl: dict[str, list[float] | None] = dict.fromkeys(names)
+    if gen.reference is not None:
+        with pool.use(gen.reference) as (reference, ref_tokenizer):
+            for name in names:
+                if vocabularies[name] != ref_tokenizer.get_vocab():
+                    raise InputError(f"KL({name} || {gen.reference}) compares log-probs of the same tokens, but "
+                                     "the two tokenizers differ; choose a reference on the same base model")
+                log.info("KL(%s || %s)", name, gen.reference)
+                kl[name] = kl_to_reference(reference, samples[name], gen.settings.temperature)
+    pool.close()
+
+    texts = [prompt_text(p) for p in gen.prompts]
+    n = gen.settings.samples_per_prompt
+    flat_prompts = [p for p in gen.prompts for _ in range(n)]
+    flat_texts = [t for t in texts for _ in range(n)]
+    gold = {name: gen.scorer.score(flat_texts, samples[name].completions) if gen.scorer else None for name in names}
+    rm: dict[str, list[float] | None] = dict.fromkeys(names)
+    if gen.reward_model is not None:
+        from reward_model.api import RewardModel
+
+        reward_model = RewardModel.load(gen.reward_model.directory, gen.reward_model.model)
+        # A reward model trained on text pairs reads a chat prompt as its text.
+        rm_prompts = flat_prompts if reward_model.chat else flat_texts
+        for name in names:
+            rm[name] = reward_model.score(rm_prompts, samples[name].completions).tolist()
+        del reward_model
+        gc.collect()
+    for name in names:
+        results[name].gen = summarize(samples[name], n, gold[name], rm[name], kl[name], seed=gen.settings.seed)
+        results[name].samples = sample_rows(gen.prompts, samples[name], n, gold[name], rm[name], kl[name])
+    if judge is not None:
+        for name in names:
+            if name != judge.baseline:
+                log.info("judge: %s vs %s", name, judge.baseline)
+                results[name].judge = judge_samples(judge.config, results[name].samples,
+                                                    results[judge.baseline].samples, judge.baseline)
+    return results
+
+
+def judge_samples(config: Any, rows_a: Sequence[dict], rows_b: Sequence[dict], vs: str) -> dict[str, Any]:
+    """Pairwise win rate of answers a against answers b (samples.jsonl rows), paired by prompt and sample number;
+    the judge entry of results.json."""
+    from eval.judge import Pair, evaluate_pairs
+
+    def key(row: dict) -> str:
+        return json.dumps([row["prompt"], row.get("sample", 0)], sort_keys=True)
+
+    by_key = {key(row): row for row in rows_b}
+    pairs = []
+    for row in rows_a:
+        other = by_key.get(key(row))
+        if other is not None:
+            pairs.append(Pair(prompt_text(row["prompt"]), row["completion"], other["completion"],
+                              gold_a=(row.get("scores") or {}).get("gold"),
+                              gold_b=(other.get("scores") or {}).get("gold")))
+    if not pairs:
+        raise InputError("judge: the two sets of answers share no (prompt, sample) pair; compare answers to the "
+                         "same prompts")
+    if config.backend == "local":
+        from common.models import resolve_model
+
+        local = config.local
+        config = dataclasses.replace(config, local=dataclasses.replace(
+            local, model=str(resolve_model(local.model).path),
+            device=local.device or ("cuda" if torch.cuda.is_available() else None)))
+    _, m = evaluate_pairs(config, pairs)
+
+    def rate(key: str) -> float | None:  # NaN (no parseable or no decisive pair) is not JSON: null
+        value = m.get(key)
+        return None if value is None or math.isnan(value) else value
+
+    return {
+        "vs": vs, "n": len(pairs), "win_rate": rate("judge/win_rate"),
+        "ci": [rate("judge/win_rate_ci_low"), rate("judge/win_rate_ci_high")],
+        "lc_win_rate": rate("judge/length_controlled_win_rate"),
+        "position_consistency": rate("judge/position_consistency"),
+        "wins": int(m["judge/wins"]), "ties": int(m["judge/ties"]), "losses": int(m["judge/losses"]),
+        "gold_agreement": rate("judge/gold_agreement"),
+    }
+
+
+# The numbers done.json (and the run's summary table) carry; metrics.jsonl has every scalar.
+HEADLINE = ("gold_reward", "rm_reward", "kl_to_ref", "mc_acc", "judge_win_rate")
+
+
+def flat_metrics(results: dict[str, ModelResult]) -> dict[str, float]:
+    """Every scalar of the results as `eval/NAME/...` (a mean for an interval), for metrics.jsonl."""
+    out: dict[str, float] = {}
+    for name, r in results.items():
+        for key, value in (r.gen or {}).items():
+            if isinstance(value, dict):
+                out[f"eval/{name}/{key}"] = value["mean"]
+            elif value is not None:
+                out[f"eval/{name}/{key}"] = value
+        if r.mc is not None:
+            out[f"eval/{name}/mc_acc"] = r.mc["metrics"]["mc/acc"]
+        if r.judge is not None and r.judge["win_rate"] is not None:
+            out[f"eval/{name}/judge_win_rate"] = r.judge["win_rate"]
+    return out
+
+
+def write_results(directory: Path, results: dict[str, ModelResult], config: dict[str, Any]) -> None:
+    """results.json (all models, in the order evaluated), and per model NAME/results.json and NAME/samples.jsonl."""
+    def dump(data: Any) -> str:  # not sorted: the order of the models is the recipe's
+        return json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n"
+
+    for name, r in results.items():
+        atomic_write_text(directory / name / "results.json", dump(r.entry()))
+        if r.samples:
+            atomic_write_text(directory / name / "samples.jsonl",
+                              "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in r.samples))
+    atomic_write_text(directory / "results.json",
+                      dump({"models": {name: r.entry() for name, r in results.items()}, "config": config}))
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+def done_outputs(ctx: StageContext, stage: str) -> dict[str, str]:
+    record = ctx.run.done_record(stage)
+    if record is None:
+        raise InputError(f"stage '{stage}' has not finished in {ctx.run.root}; run it first (alignlab run RECIPE "
+                         f"--resume --run-id {ctx.run.root.name})")
+    return record["outputs"]
+
+
+def train(cfg: EvalStage, ctx: StageContext) -> StageResult:
+    recipe = ctx.recipe
+    where = f"stages.{ctx.name}"
+    if not ctx.is_main:
+        return StageResult()  # the main process evaluates; the others wait for it at the runner's barrier
+    names = cfg.model_names(recipe, where)
+    gen = generation_plan(cfg.generation, recipe, f"{where}.generation", ctx) if cfg.generation else None
+    mc = mc_plan(cfg.mc, recipe, f"{where}.mc") if cfg.mc else None
+    judge = judge_plan(cfg.judge, recipe, f"{where}.judge", names) if cfg.judge is not None else None
+
+    wanted = [*names, *([gen.reference] if gen and gen.reference not in (None, *names) else [])]
+    sources = [ModelSource(BASE, recipe.model, None, f"base model {recipe.model.base}") if name == BASE else
+               stage_model_source(name, recipe.model, ctx.run.stage_dir(name), done_outputs(ctx, name))
+               for name in wanted]
+    started = time.perf_counter()
+    results = evaluate_models(ModelPool(sources), names, gen, mc, judge)
+    metrics = flat_metrics(results) | {"time/eval": time.perf_counter() - started}
+    write_results(ctx.dir, results, to_dict(cfg) | {"models": names, "seed": recipe.seed})
+    tracker = Tracker(ctx.dir, recipe.report_to, f"{recipe.name}/{ctx.name}", ctx.is_main, to_dict(cfg))
+    tracker.log(metrics, step=0)
+    tracker.close()
+    headline = {k: v for k, v in metrics.items() if k.rsplit("/", 1)[-1] in HEADLINE or k == "time/eval"}
+    return StageResult(outputs={"results": "results.json"}, metrics=headline)

@@ -1,0 +1,121 @@
+"""Generation evals: distinct-n, the KL estimate and the prompt-clustered interval on hand-worked numbers; sampling
+on the tiny model (the same seed gives the same samples, a model's KL to itself is exactly 0, a LoRA's is not)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from common.generation import pad_left
+from common.tiny import build_tiny_model, build_tiny_tokenizer
+from eval.generation import (
+    SampleBatch,
+    SamplingSettings,
+    distinct_n,
+    encode_prompts,
+    kl_to_reference,
+    mean_ci,
+    prompt_text,
+    response_logprobs,
+    sample_model,
+    sequence_kl,
+)
+
+PROMPTS = ["Review the film 'Heat'.", [{"role": "user", "content": "Review 'Up'."}], "Say something kind."]
+SETTINGS = SamplingSettings(samples_per_prompt=2, max_new_tokens=6, temperature=1.0, batch_size=4, seed=7)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a shared CPU its synchronisation costs seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_distinct_n_counts_unique_ngrams_over_all_completions():
+    texts = ["a b a b", "a c", ""]
+    # unigrams a b a b a c: 3 distinct of 6; bigrams (a b) (b a) (a b) (a c): 3 distinct of 4.
+    assert distinct_n(texts, 1) == pytest.approx(3 / 6, abs=1e-12)
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4, abs=1e-12)
+    assert distinct_n(["one"], 2) == 0.0, "no bigram at all"
+
+
+def test_sequence_kl_sums_log_ratios_over_sampled_tokens_only():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0], [-0.4, -0.2, -0.1]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # row 0: (-1 + 1.5) + (-2 + 1) = -0.5, the third token is padding; row 1: 0.3 + 0 - 0.2 = 0.1
+    assert sequence_kl(logprobs, ref, mask).tolist() == pytest.approx([-0.5, 0.1], abs=1e-6)
+
+
+def test_interval_resamples_prompts_not_completions():
+    # Two completions per prompt: prompt means 1.5, 3.5, 5.5. Every bootstrap mean of three prompt means lies in
+    # [1.5, 5.5]; resampling the six completions alone could reach 1 or 6.
+    stat = mean_ci([1, 2, 3, 4, 5, 6], per_prompt=2)
+    assert stat["mean"] == pytest.approx(3.5) and stat["n"] == 6
+    assert 1.5 <= stat["ci"][0] < 3.5 < stat["ci"][1] <= 5.5
+    assert mean_ci([2, 2, 2, 2], per_prompt=2) == {"mean": 2.0, "ci": [2.0, 2.0], "n": 4}
+
+
+def test_prompt_text_reads_chat_prompts():
+    assert prompt_text("hi") == "hi" and prompt_text([{"role": "user", "content": "hi"}]) == "hi"
+    assert prompt_text([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]) == \
+        "system: be brief\nuser: hi"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = build_tiny_tokenizer()
+    return build_tiny_model(tokenizer), tokenizer
+
+
+def test_left_padded_logprobs_equal_each_row_alone(tiny):
+    model, tok = tiny
+    queries = [[5, 6, 7, 8, 9], [10, 11]]
+    responses = torch.tensor([[20, 21, 22], [30, tok.eos_token_id, tok.pad_token_id]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    q_ids, q_mask = pad_left(queries, tok.pad_token_id)
+    batched = response_logprobs(model, SampleBatch([0, 1], q_ids, q_mask, responses, mask), temperature=0.7)
+    for i, query in enumerate(queries):
+        n = int(mask[i].sum())
+        ids = torch.tensor([query + responses[i, :n].tolist()])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(query) - 1:-1].float() / 0.7
+        alone = torch.log_softmax(logits, -1).gather(-1, ids[0, len(query):, None]).squeeze(-1)
+        assert batched[i, :n].tolist() == pytest.approx(alone.tolist(), abs=1e-5)
+        assert batched[i, n:].abs().sum() == 0, "nothing after EOS"
+
+
+def test_same_seed_same_samples_and_kl_to_itself_is_exactly_zero(tiny):
+    model, tok = tiny
+    encoded = encode_prompts(tok, PROMPTS, "tiny")
+    first = sample_model(model, tok, encoded, SETTINGS)
+    again = sample_model(model, tok, encoded, SETTINGS)
+    assert first.completions == again.completions and len(first.completions) == 6
+    other = sample_model(model, tok, encoded, SamplingSettings(**{**SETTINGS.__dict__, "seed": 8}))
+    assert other.completions != first.completions
+    assert all(0 <= n <= SETTINGS.max_new_tokens for n in first.length_tokens)
+    assert kl_to_reference(model, first, SETTINGS.temperature) == [0.0] * 6
+
+
+def test_a_lora_moves_away_from_its_base(tiny):
+    base, tok = tiny
+    model = get_peft_model(build_tiny_model(tok), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at zero (the adapter is then the identity); give it weights
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    encoded = encode_prompts(tok, PROMPTS, "tiny")
+    settings = SamplingSettings(samples_per_prompt=4, max_new_tokens=8, batch_size=12)
+    samples = sample_model(model, tok, encoded, settings)
+    with model.disable_adapter():
+        kl = kl_to_reference(model, samples, settings.temperature)
+        as_base = sample_model(model, tok, encoded, settings)
+    assert sum(kl) / len(kl) > 0.5, "KL(LoRA || base) from 12 samples"
+    assert as_base.completions == sample_model(base, tok, encoded, settings).completions, \
+        "with the adapter disabled the model is the base"
+

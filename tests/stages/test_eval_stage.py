@@ -1,0 +1,145 @@
+"""The eval stage over a tiny run (base and an SFT adapter): the results layout the report reads, and bad input
+refused with one line and exit code 2 before anything runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from recipes.cli import main
+from recipes.runner import RunOptions, load, run_recipe
+from tests.conftest import write_jsonl
+
+PROMPTS = [{"prompt": "What is the colour of the sky?"}, {"prompt": "Write a happy review of 'Heat'."},
+           {"prompt": [{"role": "user", "content": "What is the colour of grass?"}]}]
+QUESTIONS = [
+    {"question": "What colour is the sky?", "choices": ["blue", "green", "red"], "answer": 0, "subject": "nature"},
+    {"question": "What colour is grass?", "choices": ["blue", "green"], "answer": 1, "subject": "nature"},
+    {"question": "2 + 2?", "choices": ["3", "4", "5", "6"], "answer": "B", "subject": "math"},
+]
+EVAL = {
+    "kind": "eval",
+    "models": ["base", "sft"],
+    "generation": {"prompts": {"path": "prompts.jsonl"}, "samples_per_prompt": 2, "max_new_tokens": 6,
+                   "batch_size": 4, "scorer": "vader", "reference": "base"},
+    "mc": {"data": {"path": "mc.jsonl"}},
+    "judge": {"baseline": "sft", "local": {"batch_size": 4}},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a shared CPU its synchronisation costs seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def eval_recipe(recipe_file, tmp_path):
+    def make(questions=QUESTIONS, prompts=PROMPTS, **changes):
+        path = recipe_file()
+        write_jsonl(tmp_path / "prompts.jsonl", prompts)
+        write_jsonl(tmp_path / "mc.jsonl", questions)
+        recipe = yaml.safe_load(path.read_text())
+        recipe["stages"]["sft"]["args"]["max_steps"] = 2
+        recipe["stages"]["eval"] = {**EVAL, **changes}
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    return make
+
+
+def test_eval_stage_writes_the_results_layout(eval_recipe, tmp_path):
+    write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"Review film {i}.", "chosen": "Great :)", "rejected": "Bad :("}
+                                           for i in range(8)])
+    rm = {"kind": "reward_model", "from": "sft", "data": {"path": "prefs.jsonl", "test_size": 0},
+          "args": {"max_steps": 2, "per_device_train_batch_size": 4, "save_strategy": "no"}}
+    path = eval_recipe(generation={**EVAL["generation"], "reward_model": "rm"})
+    run = run_recipe(path, RunOptions(overrides=[f"stages.rm={json.dumps(rm)}"], output_dir=tmp_path / "runs"))
+    assert run.recipe.order() == ["sft", "rm", "eval"]
+    out = run.stage_dir("eval")
+    combined = json.loads((out / "results.json").read_text())
+    assert list(combined["models"]) == ["base", "sft"] and combined["config"]["models"] == ["base", "sft"]
+    for name, entry in combined["models"].items():
+        assert set(entry) == {"source", "gen", "mc", "judge"}
+        assert json.loads((out / name / "results.json").read_text()) == entry
+        gen = entry["gen"]
+        for key in ("gold_reward", "kl_to_ref", "length_tokens", "length_words"):
+            assert set(gen[key]) == {"mean", "ci", "n"} and gen[key]["n"] == 6
+            assert gen[key]["ci"][0] <= gen[key]["mean"] <= gen[key]["ci"][1]
+        assert gen["rm_reward"]["n"] == 6 and 0 <= gen["distinct_1"] <= 1 and 0 <= gen["distinct_2"] <= 1
+        assert entry["mc"]["n_questions"] == 3
+        rows = [json.loads(line) for line in (out / name / "samples.jsonl").read_text().splitlines()]
+        assert len(rows) == 6 and rows[5]["prompt"] == "What is the colour of grass?" and rows[5]["sample"] == 1
+        assert all(isinstance(r["scores"]["gold"], float) and isinstance(r["scores"]["rm"], float) for r in rows)
+        assert sum(r["scores"]["rm"] for r in rows) / 6 == pytest.approx(gen["rm_reward"]["mean"], abs=1e-6)
+    base, sft = combined["models"]["base"], combined["models"]["sft"]
+    assert base["gen"]["kl_to_ref"] == {"mean": 0.0, "ci": [0.0, 0.0], "n": 6}, "the reference is base itself"
+    assert sft["gen"]["kl_to_ref"]["mean"] != 0.0, "the SFT adapter changed the model"
+    assert "adapter" in sft["source"] and "tiny-random-llama" in base["source"]
+    assert sft["judge"] is None and base["judge"]["vs"] == "sft"
+    judge = base["judge"]
+    assert judge["wins"] + judge["ties"] + judge["losses"] == judge["n"] == 6
+    assert judge["ci"][0] <= judge["win_rate"] <= judge["ci"][1]
+    done = json.loads((out / "done.json").read_text())
+    assert done["metrics"]["eval/sft/gold_reward"] == sft["gen"]["gold_reward"]["mean"]
+    assert done["metrics"]["eval/base/judge_win_rate"] == judge["win_rate"]
+
+
+def bad(case: str, eval_recipe) -> tuple:
+    """A recipe path and --set overrides with one problem."""
+    questions = [dict(q) for q in QUESTIONS]
+    prompts = list(PROMPTS)
+    changes, overrides = {}, []
+    if case == "one choice":
+        questions[1]["choices"] = ["green"]
+        questions[1]["answer"] = 0
+    elif case == "answer out of range":
+        questions[0]["answer"] = 3
+    elif case == "missing column":
+        del questions[2]["answer"]
+    elif case == "unknown model":
+        changes["models"] = ["base", "sftt"]
+    elif case == "baseline not evaluated":
+        changes["judge"] = {"baseline": "dpo"}
+    elif case == "prompt missing":
+        prompts[1] = {"text": "no prompt here"}
+    elif case == "bad scorer":
+        changes["generation"] = {**EVAL["generation"], "scorer": "vadr"}
+    elif case == "eval of an eval":
+        overrides = ["stages.eval2={kind: eval, models: [eval], mc: {data: {path: mc.jsonl}}}"]
+    return eval_recipe(questions=questions, prompts=prompts, **changes), overrides
+
+
+CASES = {
+    "one choice": "mc.jsonl, line 2: a question needs at least 2 choices, got 1",
+    "answer out of range": "mc.jsonl, line 1: 'answer' 3 is out of range for 3 choices",
+    "missing column": "mc.jsonl, line 3: missing column(s) 'answer'",
+    "unknown model": "unknown key 'sftt' at stages.eval",
+    "baseline not evaluated": "stages.eval.judge.baseline 'dpo' is not among the models evaluated (base, sft)",
+    "prompt missing": "prompts.jsonl: row 2, field 'prompt' is missing",
+    "bad scorer": "stages.eval.generation.scorer",
+    "eval of an eval": "stages.eval2.models: 'eval' is an eval stage, which trains no model",
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_before_anything_runs(eval_recipe, tmp_path, capsys, case):
+    path, overrides = bad(case, eval_recipe)
+    runs = tmp_path / "runs"
+    assert main(["run", str(path), "--output-dir", str(runs), *[f"--set={o}" for o in overrides]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alignlab: error: ") and CASES[case] in err[0], err
+    assert not runs.exists(), "nothing is written before the input is valid"
+
+
+def test_a_swept_stage_in_models_stands_for_all_its_members(eval_recipe):
+    recipe, _ = load(eval_recipe(), ["stages.sft.sweep={warmup_steps: [0, 1]}", "stages.eval.judge=null"])
+    members = ["sft-warmup_steps0", "sft-warmup_steps1"]
+    assert recipe.stages["eval"].model_names(recipe, "stages.eval") == ["base", *members]
+    assert recipe.order() == [*members, "eval"], "the eval runs after every member"
