@@ -90,17 +90,19 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsCallback(TrainerCallback):
-    """Forwards the Trainer's logs to a Tracker under lab names; adds eval perplexity = exp(eval loss)."""
+    """Forwards the Trainer's logs to a Tracker under lab names. With `perplexity=True` (a token-level language
+    modelling loss, as in SFT) it adds eval/perplexity = exp(eval loss); for other losses it means nothing."""
 
-    def __init__(self, tracker: Tracker):
+    def __init__(self, tracker: Tracker, perplexity: bool = False):
         self.tracker = tracker
+        self.perplexity = perplexity
         self.last: dict[str, float] = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
         metrics = {lab_name(k): v for k, v in logs.items()}
-        if "loss/eval" in metrics:
+        if self.perplexity and "loss/eval" in metrics:
             metrics["eval/perplexity"] = math.exp(min(metrics["loss/eval"], 50.0))
         self.last.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         self.tracker.log(metrics, state.global_step)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from common.errors import InputError
+from eval import cli as eval_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="compare runs: an HTML report and its Markdown twin")
     report.add_argument("runs", type=Path, nargs="+", help="run directories (runs/<recipe>/<run-id>)")
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
+
+    eval_cli.add_parsers(sub)  # eval mc | eval gen | judge
 
     validate = sub.add_parser("validate", help="load and check a recipe without running it")
     validate.add_argument("recipe", type=Path)
@@ -62,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
             html_path, md_path = write_report(args.runs, args.output)
             print(f"report: {html_path} (Markdown: {md_path})")
+        elif args.command in ("eval", "judge"):
+            eval_cli.run(args)
         elif args.command == "run":
             runner.run_recipe(args.recipe, runner.RunOptions(
                 overrides=args.overrides, stage=args.stage, resume=args.resume, run_id=args.run_id,

@@ -64,7 +64,7 @@ def run_recipe(recipe_path: str | Path, opts: RunOptions) -> Run:
     run = _create_run(recipe, raw_text, opts, state)
     targets = [opts.stage] if opts.stage else order
     if opts.stage:
-        missing = [r for r in recipe.stages[opts.stage].references() if not run.is_done(r)]
+        missing = [r for r in recipe.inputs(opts.stage) if not run.is_done(r)]
         if missing:
             raise InputError(f"--stage {opts.stage} needs stage(s) {', '.join(missing)} done in {run.root}; "
                              f"run them first, e.g. alignlab run {recipe_path} --stage {missing[0]} "

@@ -10,6 +10,11 @@ from typing import NamedTuple
 
 from common.config import StageConfig
 from common.runs import StageContext, StageResult
+from dpo import stage as dpo_stage
+from eval import stage as eval_stage
+from ppo import stage as ppo_stage
+from reward_model import preferences_stage
+from reward_model import stage as reward_model_stage
 from sft import stage as sft_stage
 
 
@@ -20,6 +25,11 @@ class StageKind(NamedTuple):
 
 STAGE_KINDS: dict[str, StageKind] = {
     "sft": StageKind(sft_stage.SFTStage, sft_stage.train),
+    "ppo": StageKind(ppo_stage.PPOStage, ppo_stage.train),
+    "dpo": StageKind(dpo_stage.DPOStage, dpo_stage.train),
+    "preferences": StageKind(preferences_stage.PreferencesStage, preferences_stage.train),
+    "reward_model": StageKind(reward_model_stage.RewardModelStage, reward_model_stage.train),
+    "eval": StageKind(eval_stage.EvalStage, eval_stage.train),
 }
 
 

@@ -60,7 +60,7 @@ def build_trainer(cfg: SFTStage, ctx: StageContext, callbacks: list | None = Non
 def train(cfg: SFTStage, ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     tracker = Tracker(ctx.dir, recipe.report_to, f"{recipe.name}/{ctx.name}", ctx.is_main, cfg.args)
-    metrics_cb = MetricsCallback(tracker)
+    metrics_cb = MetricsCallback(tracker, perplexity=True)
     trainer = build_trainer(cfg, ctx, [metrics_cb])
     tokenizer = trainer.processing_class
     checkpoints = ctx.dir / "checkpoints"

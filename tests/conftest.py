@@ -7,13 +7,17 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
-    # Keep CPU tests from oversubscribing 2 cores with tokenizer threads.
+    # Tiny models gain nothing from a second thread, and two OpenMP threads spin-waiting for a busy core
+    # slow them down many times over; subprocesses (the distributed tests) inherit OMP_NUM_THREADS.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
