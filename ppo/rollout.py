@@ -68,7 +68,8 @@ def forward_logprobs(
         attention_mask: [B, P + R] 1 on real tokens (prompt and response up to its EOS), 0 on padding.
         response_start: P, the column where responses begin (the same for every row).
         temperature: the sampling temperature used at generation (logits are divided by it).
-        return_entropy: also return the entropy of softmax(logits / T) at each response position.
+        return_entropy: also return the entropy of softmax(logits / T) at each response position (with grad
+            when grad mode is on, for an entropy bonus).
     """
     if temperature <= 0:
         raise ValueError(f"forward_logprobs: temperature must be > 0, got {temperature}.")
@@ -101,10 +102,9 @@ def forward_logprobs(
     logprobs = logprobs_from_logits(logits, response_ids, temperature)
     logprobs = torch.where(response_mask, logprobs, torch.zeros_like(logprobs))
     entropy = None
-    if return_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits, temperature)
-            entropy = torch.where(response_mask, entropy, torch.zeros_like(entropy))
+    if return_entropy:  # under the caller's grad mode: the PPO update's entropy bonus differentiates it
+        entropy = entropy_from_logits(logits, temperature)
+        entropy = torch.where(response_mask, entropy, torch.zeros_like(entropy))
     return ResponseLogprobs(logprobs=logprobs, entropy=entropy)
 
 

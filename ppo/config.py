@@ -1,0 +1,159 @@
+"""The PPO stage's recipe block: where prompts and rewards come from, and every hyperparameter, typed.
+
+    ppo:
+      kind: ppo
+      from: sft                      # the policy starts as this stage's adapter, which is also the frozen reference
+      data: {path: ../../data/sentiment/prompts_train.jsonl, test_size: 0}
+      reward: {scorer: vader}        # a gold scorer spec (reward_model.scorers), or {stage: rm}: a reward-model stage
+      args: {max_steps: 40, rollout_batch_size: 16, kl_coef: 0.05}
+
+Without `from:` the policy is a fresh LoRA and the reference is the base model with adapters disabled. Only the
+`train` split of `data` is used (PPO samples its own completions; set `test_size: 0` to train on every prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from common.config import Recipe, StageConfig
+from common.data import load_splits
+from common.errors import InputError
+
+
+@dataclass
+class PPOArgs:
+    """Every PPO hyperparameter. Defaults fit SmolLM2-135M with LoRA on a 2-core CPU (about 8 s a step)."""
+
+    # --- schedule: one step = one rollout of `rollout_batch_size` prompts per process, then the PPO epochs.
+    max_steps: int = 40
+    rollout_batch_size: int = 16
+    minibatch_size: int = 8  # responses per optimizer step (per process); divides rollout_batch_size
+    gradient_accumulation_steps: int = 1  # micro-batches per minibatch; micro-batch size also bounds rollout forwards
+    ppo_epochs: int = 2
+    # --- optimizer (AdamW over the policy / value adapters and the value head only)
+    learning_rate: float = 3.0e-4
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = 0  # optimizer steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # --- sampling: softmax(logits / temperature), no top-k / top-p (the scored distribution is the sampled one)
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    # Subtracted from the score of a response that has no EOS within max_new_tokens (Huang et al. 2024, detail 8).
+    missing_eos_penalty: float | None = None
+    # --- scores: optional standardisation over the global batch, then clipping to [-score_clip, score_clip]
+    normalize_scores: bool = False
+    score_clip: float | None = None
+    # --- KL penalty against the reference: beta fixed, or adaptive when kl_target is set (Ziegler et al. 2019)
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    # true: -beta * KL per token in the reward (Ziegler et al.); false: beta * KL added to the loss instead
+    # (then k3 is the usual estimator: Shao et al. 2024, GRPO, eq. 4).
+    kl_in_reward: bool = True
+    # --- advantages and losses
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    # --- value function: a scalar head on the policy's trunk (one forward for both), or its own LoRA + head,
+    # freshly initialised or copied from the reward model (reward: {stage: ...} only).
+    value_model: Literal["shared", "separate"] = "shared"
+    value_init: Literal["fresh", "reward"] = "fresh"
+    # --- guards: stop after this many consecutive steps with non-finite rewards / log-probs / losses; stop when
+    # the mean KL per response exceeds kl_ceiling (the last checkpoint within it is kept for --resume).
+    max_nonfinite_steps: int = 3
+    kl_ceiling: float | None = None
+    # --- logging and checkpoints
+    sample_every: int = 5  # append sample completions with their scores to samples.jsonl every N steps
+    num_samples: int = 4
+    save_steps: int = 10
+    save_total_limit: int = 2
+
+    def check(self, where: str) -> None:
+        """Constraints between keys; each error names the key and the fix."""
+        positive = ["max_steps", "rollout_batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",
+                    "max_new_tokens", "max_nonfinite_steps", "sample_every", "save_steps", "save_total_limit"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise InputError(f"recipe: {where}.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("learning_rate", "temperature", "clip_range", "clip_range_value", "max_grad_norm", "kl_horizon"):
+            if not getattr(self, key) > 0:
+                raise InputError(f"recipe: {where}.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("kl_coef", "vf_coef", "entropy_coef", "warmup_steps", "weight_decay", "num_samples"):
+            if getattr(self, key) < 0:
+                raise InputError(f"recipe: {where}.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise InputError(f"recipe: {where}.{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("kl_target", "kl_ceiling", "score_clip"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise InputError(f"recipe: {where}.{key} must be > 0 (or null to switch it off), got {value}")
+        if self.rollout_batch_size % self.minibatch_size:
+            raise InputError(f"recipe: {where}.minibatch_size ({self.minibatch_size}) must divide rollout_batch_size "
+                             f"({self.rollout_batch_size}); e.g. minibatch_size: {self.rollout_batch_size // 2 or 1}")
+        if self.minibatch_size % self.gradient_accumulation_steps:
+            raise InputError(f"recipe: {where}.gradient_accumulation_steps ({self.gradient_accumulation_steps}) must "
+                             f"divide minibatch_size ({self.minibatch_size})")
+        if self.value_init == "reward" and self.value_model != "separate":
+            raise InputError(f"recipe: {where}.value_init: reward copies the reward model's adapter into the value "
+                             "adapter; set value_model: separate too")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.minibatch_size // self.gradient_accumulation_steps
+
+
+@dataclass
+class PPOStage(StageConfig):
+    # `{stage: NAME}`: the reward-model stage NAME scores responses. Anything else is a gold scorer spec, checked
+    # by reward_model.scorers.build_scorer: {scorer: vader}, {scorer: regex, pattern: "!", cap: 3}, {sum: [...]}.
+    reward: dict[str, Any] | None = None
+    args: PPOArgs = field(default_factory=PPOArgs)
+
+    @property
+    def reward_stage(self) -> str | None:
+        return (self.reward or {}).get("stage")
+
+    def references(self) -> list[str]:
+        return super().references() + ([self.reward_stage] if self.reward_stage else [])
+
+    def validate(self, recipe: Recipe, where: str) -> None:
+        super().validate(recipe, where)
+        if recipe.model.lora is None:
+            raise InputError(f"recipe: {where}: PPO keeps one base model and trains LoRA adapters on it, but "
+                             "model.lora is null; add a lora block (e.g. lora: {r: 16})")
+        if self.data is None:
+            raise InputError(f"recipe: {where} needs a data block with prompts (path, hub or stage)")
+        if self.reward is None:
+            raise InputError(f"recipe: {where} needs a reward block: {{scorer: vader}} (a gold scorer) or "
+                             "{stage: NAME} (a reward-model stage)")
+        self.args.check(f"{where}.args")
+        if self.reward_stage is None:
+            if self.args.value_init == "reward":
+                raise InputError(f"recipe: {where}.args.value_init: reward copies a reward model, but the reward is "
+                                 "a gold scorer; use value_init: fresh, or reward: {stage: NAME}")
+            from reward_model.scorers import build_scorer
+
+            build_scorer(self.reward, f"{where}.reward", str(recipe.source))
+        else:
+            if set(self.reward) != {"stage"}:
+                extra = sorted(set(self.reward) - {"stage"})
+                raise InputError(f"{recipe.source}: {where}.reward: {{stage: ...}} takes no other keys, got {extra}; "
+                                 "a reward comes from a reward-model stage or from a gold scorer, not both")
+            check_reward_stage(recipe, self.reward_stage, f"{where}.reward.stage")
+        if self.data.path:  # local prompt files are checked row by row now, not after the model has loaded
+            load_splits(self.data, recipe, "prompt", f"{where}.data")
+
+
+def check_reward_stage(recipe: Recipe, stage: str, where: str) -> None:
+    """The stage named as the reward must train a reward model (its `reward_model` output is what PPO loads)."""
+    kind = recipe.stages[stage].kind  # the loader has checked that the stage exists
+    if kind != "reward_model":
+        raise InputError(f"{recipe.source}: {where}: stage '{stage}' is a '{kind}' stage; name a stage of kind "
+                         "reward_model, or use a gold scorer, e.g. reward: {scorer: vader}")

@@ -1,0 +1,461 @@
+"""RLHF-PPO, the loop written out: one step = rollout, rewards, advantages, PPO epochs.
+
+    for step in 1 .. max_steps:
+        prompts      <- this process's share of the global batch (a seeded permutation per epoch)
+        responses    <- sample from the policy (KV cache, temperature T), cut after the first EOS
+        scores       <- gold scorer or reward model on (prompt, response); missing-EOS penalty; normalise / clip
+        log-probs    <- policy (old) and reference, recomputed at temperature T; values V(s_t)
+        rewards      <- score at the last token - beta * KL per token        (Ziegler et al. 2019, eq. 1)
+        advantages   <- GAE(gamma, lambda), whitened over the global batch   (Schulman et al. 2016)
+        for epoch in 1 .. ppo_epochs, for each minibatch (micro-batches accumulate gradients):
+            loss = clipped surrogate + vf_coef * clipped value loss - entropy_coef * entropy  (Schulman et al. 2017)
+            gradients averaged over processes, clipped, AdamW step
+        beta         <- KL controller (fixed, or adaptive towards a target KL)
+
+Data parallelism without DDP: every process samples its own share of the prompts; the few quantities that must be
+global (score normalisation, advantage whitening, logged metrics) are reduced explicitly, and gradients are averaged
+with one all-reduce of the flattened trainable parameters' gradients (the adapters are small). Every process then
+applies the same update to the same weights, so the adapters stay identical without DDP's wrapper, which would
+broadcast the frozen base at start and cannot follow a forward that switches adapters.
+
+Guards: a step whose scores, log-probs, values or losses are not finite is skipped (counted in `guard/...`);
+`max_nonfinite_steps` in a row stop the run. A mean KL per response above `kl_ceiling` stops it before the update,
+and sets aside the checkpoint that holds the offending policy, so --resume continues from the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from common.generation import truncate_after_eos
+from common.runs import atomic_write_text
+from common.tracking import Tracker
+from ppo.adapters import OneBaseModel
+from ppo.advantages import gae, masked_mean, per_token_rewards
+from ppo.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
+from ppo.config import PPOArgs
+from ppo.kl import kl_penalty, make_kl_controller
+from ppo.losses import policy_loss, value_loss
+
+log = logging.getLogger(__name__)
+
+# (prompts as given in the data, completion texts) -> one score per completion
+RewardFn = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
+# Offsets mixed into per-step seeds, so that sampling and minibatch order draw independent streams.
+SAMPLING, MINIBATCH_ORDER = 0, 1
+
+
+class TrainingStopped(RuntimeError):
+    """A guard stopped the run (non-finite values, KL ceiling); the message says why and what to do."""
+
+
+@dataclass
+class Prompt:
+    prompt: Any  # as in the data: text or chat messages (what the reward function sees)
+    ids: list[int]  # chat-templated, ready for generation
+
+
+# --- pure helpers (tested on their own) ----------------------------------------------------------------------------
+
+def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
+    """A seed for one (step, process, stream): a resumed run draws exactly what the uninterrupted one did, without
+    depending on how much of the global RNG earlier steps consumed."""
+    return int(np.random.SeedSequence([seed, step, rank, stream]).generate_state(1)[0])
+
+
+def prompt_indices(num_prompts: int, step: int, batch_size: int, rank: int, world_size: int, seed: int) -> list[int]:
+    """The prompts process `rank` samples at `step` (1-based).
+
+    The prompts are read as an endless sequence of epochs, each a fresh permutation seeded by (seed, epoch); step s
+    takes the global batch at positions [(s - 1) * G, s * G) with G = batch_size * world_size, and process r the
+    r-th block of `batch_size` of it. Pure in its arguments, so resuming needs no data-loader state.
+    """
+    global_batch = batch_size * world_size
+    first = (step - 1) * global_batch + rank * batch_size
+    indices, cached = [], {}
+    for position in range(first, first + batch_size):
+        epoch = position // num_prompts
+        if epoch not in cached:
+            cached[epoch] = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        indices.append(cached[epoch][position % num_prompts])
+    return indices
+
+
+def global_whiten(values: Tensor, mask: Tensor, reduce_sum: Callable[[Tensor], Tensor], eps: float = 1e-8) -> Tensor:
+    """`ppo.advantages.whiten` over the union of every process's batch: (x - mean) / sqrt(var + eps) with the
+    unbiased variance of all masked-in entries on all processes. `reduce_sum` sums a tensor over processes
+    (the identity on one process). Statistics in float64: sum of squares minus squared mean loses digits in float32."""
+    m = mask.bool()
+    x = torch.where(m, values, torch.zeros_like(values)).double()
+    sums = reduce_sum(torch.stack([x.sum(), (x * x).sum(), m.sum().double()]))
+    total, total_sq, n = sums[0], sums[1], sums[2]
+    mean = total / n
+    var = (total_sq / n - mean * mean) * n / (n - 1)
+    whitened = ((values.double() - mean) * torch.rsqrt(var + eps)).to(values.dtype)
+    return torch.where(m, whitened, torch.zeros_like(whitened))
+
+
+def trim_padding(ids: Tensor, mask: Tensor, start: int) -> tuple[slice, slice, int]:
+    """Columns of a (micro-)batch that hold at least one real token: (sequence columns, response columns, new start).
+    Left padding shared by every row and right padding after every response cost compute and change nothing."""
+    real = mask.bool().any(dim=0)
+    left = int(real.long().argmax())
+    right = int(real.shape[0] - real.flip(0).long().argmax())
+    right = max(right, start + 1)  # keep at least one response column
+    return slice(left, right), slice(0, right - start), start - left
+
+
+# --- the rollout ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """One step's experience on this process. Per-token tensors are [B, R] over the response tokens."""
+
+    ids: Tensor  # [B, P + R] left-padded prompts, then responses (padded after their EOS)
+    attention: Tensor  # [B, P + R]
+    start: int  # P
+    has_eos: Tensor  # [B]
+    logprobs: Tensor  # log pi_old(token)
+    ref_logprobs: Tensor  # log pi_ref(token)
+    values: Tensor  # V_old(s_t)
+    entropy: Tensor  # entropy of pi_old at each token (a statistic)
+    scores: Tensor  # [B] raw scores from the reward
+    advantages: Tensor | None = None
+    returns: Tensor | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        return self.attention[:, self.start:]
+
+    def micro_batch(self, rows: Tensor) -> Rollout:
+        """Rows `rows`, with all-padding columns trimmed."""
+        columns, response_columns, start = trim_padding(self.ids[rows], self.attention[rows], self.start)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("ids", "attention"):
+                picked[f.name] = value[rows][:, columns]
+            elif isinstance(value, Tensor) and value.dim() == 2:
+                picked[f.name] = value[rows][:, response_columns]
+            elif isinstance(value, Tensor):
+                picked[f.name] = value[rows]
+        return Rollout(start=start, **picked)
+
+
+class PPOTrainer:
+    def __init__(self, args: PPOArgs, model: OneBaseModel, tokenizer: Any, prompts: list[Prompt], reward_fn: RewardFn,
+                 accelerator: Any, tracker: Tracker, stage_dir: Path, seed: int):
+        self.args, self.model, self.tokenizer = args, model, tokenizer
+        self.prompts, self.reward_fn = prompts, reward_fn
+        self.accelerator, self.tracker, self.seed = accelerator, tracker, seed
+        self.stage_dir, self.checkpoints = stage_dir, stage_dir / "checkpoints"
+        if accelerator.is_main_process:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+        self.device = accelerator.device
+        self.params = model.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        minibatches = args.rollout_batch_size // args.minibatch_size
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.warmup_steps,
+                                       num_training_steps=args.max_steps * args.ppo_epochs * minibatches)
+        self.kl_ctl = make_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
+        self.step = 0  # completed PPO steps
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.last_metrics: dict[str, float] = {}
+
+    # --- reductions over processes -------------------------------------------------------------------------------
+    def _sum(self, x: Tensor) -> Tensor:
+        return self.accelerator.reduce(x, reduction="sum") if self.accelerator.num_processes > 1 else x
+
+    def _gather(self, x: Tensor) -> Tensor:
+        return self.accelerator.gather(x) if self.accelerator.num_processes > 1 else x
+
+    def _anywhere(self, flag: bool) -> bool:
+        """True on every process when it is true on any (all processes must take the same branch)."""
+        return bool(self._sum(torch.tensor(float(flag), device=self.device)) > 0)
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> dict[str, float]:
+        if resume:
+            self._resume()
+        args = self.args
+        bar = tqdm(total=args.max_steps, initial=self.step, desc="ppo", disable=not self.accelerator.is_main_process)
+        while self.step < args.max_steps:
+            step = self.step + 1
+            metrics = self.ppo_step(step)
+            self.step = step
+            self.tracker.log(metrics, step)
+            bar.update(1)
+            if "objective/scores" in metrics:  # not a skipped step
+                self.last_metrics = metrics
+                bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            if step % args.save_steps == 0 or step == args.max_steps:
+                self.save(step)
+        bar.close()
+        return self.last_metrics
+
+    def ppo_step(self, step: int) -> dict[str, float]:
+        """One rollout and its PPO epochs (see the module docstring); returns the step's metrics."""
+        args, acc = self.args, self.accelerator
+        batch = [self.prompts[i] for i in prompt_indices(len(self.prompts), step, args.rollout_batch_size,
+                                                        acc.process_index, acc.num_processes, self.seed)]
+        rollout, completions, timing = self.rollout(batch, step)
+        beta = self.kl_ctl.value
+        mask = rollout.mask.bool()
+        finite = all(bool(torch.isfinite(t[mask]).all()) for t in (rollout.logprobs, rollout.ref_logprobs,
+                                                                      rollout.values))
+        if self._anywhere(not (finite and bool(torch.isfinite(rollout.scores).all()))):
+            return self._skip(step, "scores, log-probs or values")
+
+        kl = torch.where(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, args.kl_estimator), 0.0)
+        kl_per_response = kl.sum(1)
+        mean_kl = float(self._gather(kl_per_response).mean())
+        if args.kl_ceiling is not None and mean_kl > args.kl_ceiling:
+            self._stop_for_kl(step, mean_kl)
+
+        scores = self.shape_scores(rollout.scores, rollout.has_eos)
+        rewards = per_token_rewards(scores, kl, beta if args.kl_in_reward else 0.0, mask)
+        advantages, returns = gae(rewards, rollout.values, mask, args.gamma, args.lam)
+        rollout.advantages = global_whiten(advantages, mask, self._sum)
+        rollout.returns = returns
+
+        started = time.perf_counter()
+        update = self.update(rollout, step, beta)
+        timing["time/train"] = time.perf_counter() - started
+        if update is None:
+            return self._skip(step, "losses or gradients")
+        self.nonfinite_in_a_row = 0
+        self.kl_ctl.update(mean_kl, n_steps=args.rollout_batch_size * acc.num_processes)
+
+        if acc.is_main_process and (step % args.sample_every == 0 or step == 1):
+            self.write_samples(step, batch, completions, rollout.scores, kl_per_response)
+        return self.metrics(rollout, scores, kl_per_response, beta, update, timing)
+
+    # --- rollout -------------------------------------------------------------------------------------------------
+    def rollout(self, batch: list[Prompt], step: int) -> tuple[Rollout, list[str], dict[str, float]]:
+        args, model, tok = self.args, self.model, self.tokenizer
+        model.eval()
+        t0 = time.perf_counter()
+        gen = model.generate(tok, [p.ids for p in batch], args.max_new_tokens, args.temperature,
+                             seed=step_seed(self.seed, step, self.accelerator.process_index, SAMPLING))
+        response = truncate_after_eos(gen.response_ids, tok.eos_token_id, tok.pad_token_id)
+        t1 = time.perf_counter()
+        completions = tok.batch_decode(response.ids, skip_special_tokens=True)
+        scores = self.reward_fn([p.prompt for p in batch], completions)
+        scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device)
+        t2 = time.perf_counter()
+
+        ids = torch.cat([gen.query_ids, response.ids], dim=1)
+        attention = torch.cat([gen.query_mask, response.mask], dim=1)
+        parts: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+        start, width = gen.response_start, response.ids.shape[1]
+        with torch.no_grad():
+            for rows in torch.arange(len(batch)).split(args.micro_batch_size):
+                columns, response_columns, micro_start = trim_padding(ids[rows], attention[rows], start)
+                micro_ids, micro_attention = ids[rows][:, columns], attention[rows][:, columns]
+                out = model.policy_forward(micro_ids, micro_attention, micro_start, args.temperature, with_entropy=True)
+                ref = model.reference_logprobs(micro_ids, micro_attention, micro_start, args.temperature)
+                for name, value in (("logprobs", out.logprobs), ("ref_logprobs", ref), ("values", out.values),
+                                    ("entropy", out.entropy)):
+                    padded = torch.zeros(len(rows), width, dtype=value.dtype, device=value.device)
+                    padded[:, response_columns] = value
+                    parts[name].append(padded)
+        t3 = time.perf_counter()
+        rollout = Rollout(ids=ids, attention=attention, start=start, has_eos=response.has_eos, scores=scores,
+                          **{name: torch.cat(chunks) for name, chunks in parts.items()})
+        timing = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forward": t3 - t2, "time/rollout": t3 - t0}
+        return rollout, completions, timing
+
+    def shape_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
+        """The score that enters the reward: missing-EOS penalty, then (optionally) standardised over the global
+        batch and clipped."""
+        args = self.args
+        if args.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - args.missing_eos_penalty)
+        if args.normalize_scores:
+            everyone = self._gather(scores)
+            scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
+        if args.score_clip is not None:
+            scores = scores.clamp(-args.score_clip, args.score_clip)
+        return scores
+
+    # --- update --------------------------------------------------------------------------------------------------
+    def update(self, rollout: Rollout, step: int, beta: float) -> dict[str, float] | None:
+        """The PPO epochs over minibatches. Returns the averaged statistics, or None when a loss or gradient was not
+        finite (the rest of the update is then skipped; minibatches already applied stay applied)."""
+        args, model = self.args, self.model
+        model.train()
+        order_rng = torch.Generator().manual_seed(step_seed(self.seed, step, self.accelerator.process_index,
+                                                            MINIBATCH_ORDER))
+        totals: dict[str, float] = {}
+        count = 0
+        size = rollout.ids.shape[0]
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(size, generator=order_rng)
+            for minibatch in order.split(args.minibatch_size):
+                for rows in minibatch.split(args.micro_batch_size):
+                    loss, stats = self.loss(rollout.micro_batch(rows.to(rollout.ids.device)), beta)
+                    if self._anywhere(not bool(torch.isfinite(loss))):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        return None
+                    (loss / args.gradient_accumulation_steps).backward()
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                    count += 1
+                if not self.optimizer_step():
+                    return None
+        averaged = torch.tensor([totals[k] / count for k in totals], device=self.device)
+        averaged = self._sum(averaged) / self.accelerator.num_processes
+        return dict(zip(totals, averaged.tolist(), strict=True))
+
+    def loss(self, mb: Rollout, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+        args = self.args
+        mask = mb.mask
+        out = self.model.policy_forward(mb.ids, mb.attention, mb.start, args.temperature,
+                                        with_entropy=args.entropy_coef > 0)
+        pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, args.clip_range)
+        vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mask, args.clip_range_value)
+        loss = pg_loss + args.vf_coef * vf_loss
+        if args.entropy_coef > 0:
+            loss = loss - args.entropy_coef * masked_mean(out.entropy, mask)
+        if not args.kl_in_reward:
+            # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs.
+            loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator), mask)
+        stats = {"policy/approxkl_avg": pg_stats["approx_kl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+                 "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
+                 "val/clipfrac_avg": vf_stats["clipfrac"], "val/ratio": pg_stats["ratio_mean"]}
+        return loss, stats
+
+    def optimizer_step(self) -> bool:
+        """Average gradients over processes, clip, step. False (and no step) when the gradient is not finite."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.accelerator.num_processes > 1:
+            flat = self._sum(torch.cat([g.reshape(-1) for g in grads])) / self.accelerator.num_processes
+            for p, g in zip(self.params, flat.split([g.numel() for g in grads]), strict=True):
+                p.grad = g.view_as(p).clone()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        if not bool(torch.isfinite(norm)):  # identical on every process: the gradients are
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    # --- metrics, samples, guards --------------------------------------------------------------------------------
+    def metrics(self, rollout: Rollout, scores: Tensor, kl_per_response: Tensor, beta: float,
+                update: dict[str, float], timing: dict[str, float]) -> dict[str, float]:
+        """The step's metrics, over the global batch.
+
+        objective/scores: mean raw score (before the missing-EOS penalty, normalisation and clipping);
+        objective/kl: mean over responses of the summed per-token KL estimate (args.kl_estimator);
+        objective/non_score_reward: -beta * objective/kl; objective/rlhf_reward: mean of (shaped score - beta * KL),
+        the objective PPO maximises; objective/entropy: mean entropy of the policy at the response tokens.
+        policy/*, loss/*, val/clipfrac_avg and val/ratio: means over the update's micro-batches;
+        val/num_eos_tokens: how many responses ended with EOS; time/*: seconds of this step, on this process.
+        """
+        mask = rollout.mask.bool()
+        per_response = torch.stack([rollout.scores, kl_per_response, scores - beta * kl_per_response,
+                                    rollout.has_eos.float(), mask.sum(1).float()], dim=1)
+        per_response = self._gather(per_response)
+        token_sums = self._sum(torch.stack([torch.where(mask, rollout.entropy, 0.0).sum(), mask.sum().float()]))
+        seconds = timing["time/rollout"] + timing["time/train"]
+        response_tokens = float(per_response[:, 4].sum())
+        return {
+            "objective/scores": float(per_response[:, 0].mean()),
+            "objective/kl": float(per_response[:, 1].mean()),
+            "objective/non_score_reward": float(-beta * per_response[:, 1].mean()),
+            "objective/rlhf_reward": float(per_response[:, 2].mean()),
+            "objective/entropy": float(token_sums[0] / token_sums[1]),
+            **update,
+            "val/num_eos_tokens": float(per_response[:, 3].sum()),
+            "val/response_length": float(per_response[:, 4].mean()),
+            "kl/coef": beta,
+            "train/learning_rate": self.scheduler.get_last_lr()[0],
+            "guard/nonfinite_steps": float(self.nonfinite_total),
+            **timing,
+            "perf/tokens_per_s": response_tokens / seconds,
+        }
+
+    def write_samples(self, step: int, batch: list[Prompt], completions: list[str], scores: Tensor,
+                      kl: Tensor) -> None:
+        rows = [{"step": step, "prompt": p.prompt, "completion": c, "score": float(s), "kl": float(k)}
+                for p, c, s, k in list(zip(batch, completions, scores, kl, strict=True))[: self.args.num_samples]]
+        with open(self.stage_dir / "samples.jsonl", "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+    def _skip(self, step: int, what: str) -> dict[str, float]:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("ppo step %d: non-finite %s; the batch is skipped (%d in a row)", step, what,
+                    self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
+            self.tracker.log({"guard/nonfinite_steps": float(self.nonfinite_total)}, step)
+            raise TrainingStopped(
+                f"ppo: {self.nonfinite_in_a_row} steps in a row had non-finite {what} (up to step {step}); stopped. "
+                f"Lower args.learning_rate, set args.score_clip / normalize_scores, or check the reward; "
+                f"--resume continues from {latest_checkpoint(self.checkpoints) or 'the start'}")
+        return {"guard/nonfinite_steps": float(self.nonfinite_total)}
+
+    def _stop_for_kl(self, step: int, mean_kl: float) -> None:
+        """The policy sampled at `step` is the one saved after step - 1: that checkpoint is set aside, so --resume
+        takes the last one whose policy stayed within the ceiling."""
+        self.tracker.log({"objective/kl": mean_kl, "guard/kl_ceiling_exceeded": 1.0}, step)
+        self.accelerator.wait_for_everyone()
+        bad = checkpoint_dir(self.checkpoints, step - 1)
+        note = ""
+        if self.accelerator.is_main_process and bad.is_dir():
+            note = f"; {bad.name} (that policy) was renamed {set_aside(bad, 'kl-ceiling').name}"
+        self.accelerator.wait_for_everyone()
+        good = latest_checkpoint(self.checkpoints)
+        raise TrainingStopped(
+            f"ppo: objective/kl = {mean_kl:.4g} at step {step} exceeds args.kl_ceiling = {self.args.kl_ceiling}; "
+            f"stopped before updating{note}. Last good checkpoint: {good or 'none'}. Raise args.kl_coef (or set "
+            "kl_target), lower args.learning_rate, or raise kl_ceiling")
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(),
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
+                "last_metrics": self.last_metrics}
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.checkpoints, step, self.model.trainable_state(), self.optimizer, self.scheduler,
+                        self.trainer_state(), self.accelerator, keep=self.args.save_total_limit)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.checkpoints) if self.checkpoints.is_dir() else None
+        if path is None:
+            log.info("ppo: no checkpoint in %s; starting from step 0", self.checkpoints)
+            return
+        trainable, state = load_checkpoint(path, self.optimizer, self.scheduler, self.accelerator)
+        self.model.load_trainable_state(trainable)
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.step = state["step"]
+        self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite_in_a_row"], state["nonfinite_total"]
+        self.last_metrics = state["last_metrics"]
+        log.info("ppo: resumed from %s (step %d of %d)", path, self.step, self.args.max_steps)
+        if self.accelerator.is_main_process:  # later lines will be written again, by the steps that follow
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                drop_lines_after(self.stage_dir / name, self.step)
+        self.accelerator.wait_for_everyone()
+
+
+def drop_lines_after(path: Path, step: int) -> None:
+    """Remove the jsonl rows of steps after `step` (logged by an interrupted run past its last checkpoint)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))

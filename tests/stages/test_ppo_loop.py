@@ -1,0 +1,79 @@
+"""The loop's own pieces: which prompts a process samples at a step, whitening over processes, padding trims, and
+the rollout's log-probs matching the training forward pass (the first PPO ratio is 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from common.models import resolve_model
+from ppo.adapters import OneBaseModel
+from ppo.advantages import whiten
+from ppo.trainer import global_whiten, prompt_indices, step_seed, trim_padding
+from tests.stages.test_ppo_adapters import DEVICE, MODEL, make_trainer
+from tests.stages.test_ppo_training import one_thread  # noqa: F401 - a fixture
+
+
+def test_prompt_indices_walk_seeded_epochs():
+    # 12 prompts, 4 a step: steps 1-3 are one epoch (each prompt once), steps 4-6 the next, in another order.
+    first = [i for s in (1, 2, 3) for i in prompt_indices(12, s, 4, 0, 1, seed=7)]
+    second = [i for s in (4, 5, 6) for i in prompt_indices(12, s, 4, 0, 1, seed=7)]
+    assert sorted(first) == sorted(second) == list(range(12)) and first != second
+    assert first == torch.randperm(12, generator=torch.Generator().manual_seed(7)).tolist()
+    # 10 prompts, 4 a step: step 3 takes the last 2 of epoch 0 and the first 2 of epoch 1.
+    epoch0 = torch.randperm(10, generator=torch.Generator().manual_seed(7)).tolist()
+    epoch1 = torch.randperm(10, generator=torch.Generator().manual_seed(8)).tolist()
+    assert prompt_indices(10, 3, 4, 0, 1, seed=7) == epoch0[8:] + epoch1[:2]
+    # Two processes split the global batch a single process of twice the batch size would take.
+    for step in (1, 2, 5):
+        both = prompt_indices(12, step, 3, 0, 2, seed=7) + prompt_indices(12, step, 3, 1, 2, seed=7)
+        assert both == prompt_indices(12, step, 6, 0, 1, seed=7)
+
+
+def test_step_seeds_differ_per_step_process_and_stream():
+    seeds = {step_seed(1, step, rank, stream) for step in range(5) for rank in range(2) for stream in range(2)}
+    assert len(seeds) == 20 and step_seed(1, 3, 0, 0) == step_seed(1, 3, 0, 0)
+
+
+def test_global_whiten_by_hand_and_over_two_processes():
+    # [1, 2, 3] (padding ignored): mean 2, unbiased variance ((-1)^2 + 0 + 1^2) / 2 = 1, so [-1, 0, 1].
+    values = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(global_whiten(values, mask, lambda s: s), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]))
+
+    torch.manual_seed(0)
+    values, mask = torch.randn(6, 5), torch.rand(6, 5) > 0.3
+    mask[:, 0] = True
+    torch.testing.assert_close(global_whiten(values, mask, lambda s: s), whiten(values, mask), atol=1e-6, rtol=0)
+
+    def local_stats(v, m):
+        box = []
+        global_whiten(v, m, lambda s: box.append(s) or s)
+        return box[0]
+
+    # Process 0 holds rows 0-2, process 1 rows 3-5; reduce_sum adds both processes' sums.
+    total = local_stats(values[:3], mask[:3]) + local_stats(values[3:], mask[3:])
+    halves = [global_whiten(values[rows], mask[rows], lambda s: total) for rows in (slice(0, 3), slice(3, 6))]
+    torch.testing.assert_close(torch.cat(halves), whiten(values, mask), atol=1e-6, rtol=0)
+
+
+def test_trim_padding_by_hand():
+    # Columns 0-1 are padding in every row, column 6 too (both responses ended before it); response starts at 4.
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0, 0]])
+    columns, response_columns, start = trim_padding(torch.zeros_like(mask), mask, start=4)
+    assert (columns, response_columns, start) == (slice(2, 6), slice(0, 2), 2)
+
+
+def test_rollout_logprobs_equal_the_training_forward_so_the_first_ratio_is_one(tmp_path):
+    torch.manual_seed(0)
+    model = OneBaseModel.build(MODEL, resolve_model(MODEL.base), None, "separate", DEVICE)
+    trainer = make_trainer(model, tmp_path, max_new_tokens=8)
+    rollout, completions, _ = trainer.rollout(trainer.prompts[:8], step=1)
+    assert len(completions) == 8 and rollout.logprobs.shape == rollout.mask.shape
+    model.train()
+    rows = torch.tensor([5, 2, 7])  # a minibatch in another order and size than the rollout's chunks
+    micro = rollout.micro_batch(rows)
+    with torch.no_grad():
+        out = model.policy_forward(micro.ids, micro.attention, micro.start, 1.0)
+    assert micro.ids.shape[1] <= rollout.ids.shape[1]
+    torch.testing.assert_close(out.logprobs, micro.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.values, micro.values, atol=1e-5, rtol=0)
