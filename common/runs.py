@@ -207,3 +207,13 @@ class StageContext:
 
     def input_path(self, stage: str, key: str) -> Path:
         return self.run.output(stage, key)
+
+
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest Trainer checkpoint that was written to the end, for --resume.
+
+    A run killed while saving leaves a `checkpoint-N` folder without its `trainer_state.json`, which the
+    Trainer writes last; resuming from it fails, so such folders are passed over.
+    """
+    done = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None

@@ -26,14 +26,13 @@ import tempfile
 from dataclasses import dataclass
 
 import datasets
-from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
 from common.config import Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
 from common.models import load_base_model, load_tokenizer, load_trainable_model, lora_config, resolve_model
-from common.runs import StageContext, StageResult
+from common.runs import StageContext, StageResult, last_complete_checkpoint
 from common.tracking import MetricsCallback, Tracker
 
 log = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ def train(cfg: DPOStage, ctx: StageContext) -> StageResult:
     metrics_cb = MetricsCallback(tracker)
     trainer = build_trainer(cfg, ctx, [metrics_cb])
     checkpoints = ctx.dir / "checkpoints"
-    resume_from = get_last_checkpoint(str(checkpoints)) if ctx.resume and checkpoints.is_dir() else None
+    resume_from = last_complete_checkpoint(checkpoints) if ctx.resume else None
     if resume_from:
         log.info("resuming %s from %s", ctx.name, resume_from)
     trainer.train(resume_from_checkpoint=resume_from)

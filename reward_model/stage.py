@@ -48,14 +48,13 @@ from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import Tensor
-from transformers.trainer_utils import get_last_checkpoint
 from trl import RewardConfig, RewardTrainer
 
 from common.config import ModelConfig, Recipe, StageConfig
 from common.data import Splits, load_splits
 from common.errors import InputError
 from common.models import ResolvedModel, load_base_model, load_tokenizer, lora_config, resolve_model
-from common.runs import StageContext, StageResult, atomic_write_json
+from common.runs import StageContext, StageResult, atomic_write_json, last_complete_checkpoint
 from common.tracking import MetricsCallback, Tracker
 from reward_model.agreement import gold_agreement
 from reward_model.api import HEAD, HEAD_FILE, INFO_FILE, RewardModel
@@ -186,7 +185,7 @@ def train(cfg: RewardModelStage, ctx: StageContext) -> StageResult:
     trainer, splits = build_trainer(cfg, ctx, [metrics_cb])
     tokenizer = trainer.processing_class
     checkpoints = ctx.dir / "checkpoints"
-    resume_from = get_last_checkpoint(str(checkpoints)) if ctx.resume and checkpoints.is_dir() else None
+    resume_from = last_complete_checkpoint(checkpoints) if ctx.resume else None
     if resume_from:
         log.info("resuming %s from %s", ctx.name, resume_from)
     trainer.train(resume_from_checkpoint=resume_from)

@@ -12,14 +12,13 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from common.config import Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
 from common.models import load_for_inference, load_tokenizer, load_trainable_model, resolve_model
-from common.runs import StageContext, StageResult
+from common.runs import StageContext, StageResult, last_complete_checkpoint
 from common.tracking import MetricsCallback, Tracker
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def train(cfg: SFTStage, ctx: StageContext) -> StageResult:
     trainer = build_trainer(cfg, ctx, [metrics_cb])
     tokenizer = trainer.processing_class
     checkpoints = ctx.dir / "checkpoints"
-    resume_from = get_last_checkpoint(str(checkpoints)) if ctx.resume and checkpoints.is_dir() else None
+    resume_from = last_complete_checkpoint(checkpoints) if ctx.resume else None
     if resume_from:
         log.info("resuming %s from %s", ctx.name, resume_from)
     trainer.train(resume_from_checkpoint=resume_from)

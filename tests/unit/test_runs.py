@@ -58,3 +58,16 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_text(path, 123)  # a write that fails half-way
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path):
+    from common.runs import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in [(9, True), (10, True), (12, False)]:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_text("w")
+        if complete:  # the Trainer writes trainer_state.json last
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10"), "numeric order, partial skipped"
