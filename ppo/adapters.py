@@ -15,6 +15,10 @@ second copy of the model. Only the policy and value adapters and the value head 
 peft rewrites every adapter's `requires_grad` when the active adapter changes (`set_adapter`) or adapters are
 switched back on (`disable_adapter`), so `_activate` restores the trainable set after each switch: a forward
 with the reference active must not make it trainable, nor freeze the value adapter.
+
+Each method activates the adapter it needs and leaves it active. With gradient checkpointing the backward pass
+recomputes each layer's forward pass with whichever adapter is active at that time, so a role's loss must be
+backpropagated before another role's forward pass runs (ppo.trainer does the policy's, then the value's).
 """
 
 from __future__ import annotations
@@ -44,11 +48,11 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 class PolicyOutput(NamedTuple):
     """Per response token ([B, R], 0 on padding): log pi(token), the policy's entropy there (when asked), and
-    the value V(s_t) of the state before the token."""
+    the value V(s_t) of the state before the token (value_model: shared; None for a separate value adapter)."""
 
     logprobs: Tensor
     entropy: Tensor | None
-    values: Tensor
+    values: Tensor | None
 
 
 class OneBaseModel:
@@ -130,16 +134,16 @@ class OneBaseModel:
 
     def policy_forward(self, ids: Tensor, mask: Tensor, start: int, temperature: float,
                        with_entropy: bool = False) -> PolicyOutput:
-        """Policy log-probs of the response tokens `ids[:, start:]` and their values.
+        """Policy log-probs of the response tokens `ids[:, start:]` and, for value_model: shared, their values.
 
-        value_model: shared reads the values off the very forward pass that gives the log-probs: the LM head's
-        input (the last hidden state at the positions that predict response tokens) also feeds the value head.
-        value_model: separate runs the trunk a second time with the value adapter.
+        The shared head reads the values off the very forward pass that gives the log-probs: the LM head's input
+        (the last hidden state at the positions that predict response tokens) also feeds the value head. With
+        value_model: separate, `values` is None here: call `values()` (a second pass, with the value adapter).
         """
         self._activate(POLICY)
         if self.value_model == "separate":
             out = forward_logprobs(self.peft, ids, mask, start, temperature, return_entropy=with_entropy)
-            return PolicyOutput(out.logprobs, out.entropy, self.values(ids, mask, start))
+            return PolicyOutput(out.logprobs, out.entropy, None)
         captured: list[Tensor] = []
         hook = self.lm.get_output_embeddings().register_forward_pre_hook(lambda _, args: captured.append(args[0]))
         try:
@@ -158,9 +162,7 @@ class OneBaseModel:
         position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # as generate numbers left-padded rows
         hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
-        values = self._head(hidden[:, start - 1:-1], mask[:, start:])
-        self._activate(POLICY)
-        return values
+        return self._head(hidden[:, start - 1:-1], mask[:, start:])
 
     def _head(self, hidden: Tensor, response_mask: Tensor) -> Tensor:
         values = self.value_head(hidden.to(torch.float32)).squeeze(-1)
@@ -170,10 +172,7 @@ class OneBaseModel:
         """log pi_ref of the response tokens: the frozen reference adapter, or the base with adapters off."""
         if self.has_reference_adapter:
             self._activate(REFERENCE)
-            try:
-                return forward_logprobs(self.peft, ids, mask, start, temperature).logprobs
-            finally:
-                self._activate(POLICY)
+            return forward_logprobs(self.peft, ids, mask, start, temperature).logprobs
         with self._base_only():
             return forward_logprobs(self.peft, ids, mask, start, temperature).logprobs
 

@@ -266,8 +266,9 @@ class PPOTrainer:
                 columns, response_columns, micro_start = trim_padding(ids[rows], attention[rows], start)
                 micro_ids, micro_attention = ids[rows][:, columns], attention[rows][:, columns]
                 out = model.policy_forward(micro_ids, micro_attention, micro_start, args.temperature, with_entropy=True)
+                values = out.values if out.values is not None else model.values(micro_ids, micro_attention, micro_start)
                 ref = model.reference_logprobs(micro_ids, micro_attention, micro_start, args.temperature)
-                for name, value in (("logprobs", out.logprobs), ("ref_logprobs", ref), ("values", out.values),
+                for name, value in (("logprobs", out.logprobs), ("ref_logprobs", ref), ("values", values),
                                     ("entropy", out.entropy)):
                     padded = torch.zeros(len(rows), width, dtype=value.dtype, device=value.device)
                     padded[:, response_columns] = value
@@ -306,11 +307,10 @@ class PPOTrainer:
             order = torch.randperm(size, generator=order_rng)
             for minibatch in order.split(args.minibatch_size):
                 for rows in minibatch.split(args.micro_batch_size):
-                    loss, stats = self.loss(rollout.micro_batch(rows.to(rollout.ids.device)), beta)
-                    if self._anywhere(not bool(torch.isfinite(loss))):
+                    stats = self.backward(rollout.micro_batch(rows.to(rollout.ids.device)), beta)
+                    if stats is None:
                         self.optimizer.zero_grad(set_to_none=True)
                         return None
-                    (loss / args.gradient_accumulation_steps).backward()
                     for k, v in stats.items():
                         totals[k] = totals.get(k, 0.0) + float(v)
                     count += 1
@@ -320,23 +320,40 @@ class PPOTrainer:
         averaged = self._sum(averaged) / self.accelerator.num_processes
         return dict(zip(totals, averaged.tolist(), strict=True))
 
-    def loss(self, mb: Rollout, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
-        args = self.args
-        mask = mb.mask
-        out = self.model.policy_forward(mb.ids, mb.attention, mb.start, args.temperature,
-                                        with_entropy=args.entropy_coef > 0)
+    def backward(self, mb: Rollout, beta: float) -> dict[str, Tensor] | None:
+        """The losses of one micro-batch, backpropagated (gradients add up over its minibatch); None when a loss is
+        not finite on some process (nothing more is backpropagated then).
+
+        A separate value adapter gets its own forward and backward pass after the policy's: gradient checkpointing
+        recomputes layers during the backward pass with the adapter active at that time (see ppo.adapters).
+        """
+        args, model, mask = self.args, self.model, mb.mask
+        out = model.policy_forward(mb.ids, mb.attention, mb.start, args.temperature, with_entropy=args.entropy_coef > 0)
         pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, args.clip_range)
-        vf_loss, vf_stats = value_loss(out.values, mb.values, mb.returns, mask, args.clip_range_value)
-        loss = pg_loss + args.vf_coef * vf_loss
+        loss = pg_loss
         if args.entropy_coef > 0:
             loss = loss - args.entropy_coef * masked_mean(out.entropy, mask)
         if not args.kl_in_reward:
             # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs.
             loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator), mask)
-        stats = {"policy/approxkl_avg": pg_stats["approx_kl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
-                 "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
-                 "val/clipfrac_avg": vf_stats["clipfrac"], "val/ratio": pg_stats["ratio_mean"]}
-        return loss, stats
+        values = out.values
+        if values is None:
+            if not self._backward(loss):
+                return None
+            loss = torch.zeros((), device=loss.device)
+            values = model.values(mb.ids, mb.attention, mb.start)
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, args.clip_range_value)
+        if not self._backward(loss + args.vf_coef * vf_loss):
+            return None
+        return {"policy/approxkl_avg": pg_stats["approx_kl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+                "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
+                "val/clipfrac_avg": vf_stats["clipfrac"], "val/ratio": pg_stats["ratio_mean"]}
+
+    def _backward(self, loss: Tensor) -> bool:
+        if self._anywhere(not bool(torch.isfinite(loss))):
+            return False
+        (loss / self.args.gradient_accumulation_steps).backward()
+        return True
 
     def optimizer_step(self) -> bool:
         """Average gradients over processes, clip, step. False (and no step) when the gradient is not finite."""

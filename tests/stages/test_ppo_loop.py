@@ -3,10 +3,13 @@ the rollout's log-probs matching the training forward pass (the first PPO ratio 
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
 from common.models import resolve_model
-from ppo.adapters import OneBaseModel
+from ppo.adapters import VALUE, OneBaseModel
 from ppo.advantages import whiten
 from ppo.trainer import global_whiten, prompt_indices, step_seed, trim_padding
 from tests.stages.test_ppo_adapters import DEVICE, MODEL, make_trainer
@@ -66,6 +69,7 @@ def test_trim_padding_by_hand():
 def test_rollout_logprobs_equal_the_training_forward_so_the_first_ratio_is_one(tmp_path):
     torch.manual_seed(0)
     model = OneBaseModel.build(MODEL, resolve_model(MODEL.base), None, "separate", DEVICE)
+    torch.nn.init.normal_(model.value_head.weight)  # non-zero values to compare
     trainer = make_trainer(model, tmp_path, max_new_tokens=8)
     rollout, completions, _ = trainer.rollout(trainer.prompts[:8], step=1)
     assert len(completions) == 8 and rollout.logprobs.shape == rollout.mask.shape
@@ -73,7 +77,32 @@ def test_rollout_logprobs_equal_the_training_forward_so_the_first_ratio_is_one(t
     rows = torch.tensor([5, 2, 7])  # a minibatch in another order and size than the rollout's chunks
     micro = rollout.micro_batch(rows)
     with torch.no_grad():
-        out = model.policy_forward(micro.ids, micro.attention, micro.start, 1.0)
-    assert micro.ids.shape[1] <= rollout.ids.shape[1]
-    torch.testing.assert_close(out.logprobs, micro.logprobs, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.values, micro.values, atol=1e-5, rtol=0)
+        logprobs = model.policy_forward(micro.ids, micro.attention, micro.start, 1.0).logprobs
+        values = model.values(micro.ids, micro.attention, micro.start)
+    assert micro.ids.shape[1] <= rollout.ids.shape[1] and micro.values.abs().max() > 0
+    torch.testing.assert_close(logprobs, micro.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(values, micro.values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("value_model", ["shared", "separate"])
+def test_gradient_checkpointing_leaves_the_gradients_unchanged(tmp_path, value_model):
+    """Checkpointing recomputes layers in the backward pass with the adapter active then: the policy's and the
+    separate value's losses must each be backpropagated while their own adapter is active."""
+    grads = {}
+    for checkpointing in (False, True):
+        cfg = dataclasses.replace(MODEL, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        model = OneBaseModel.build(cfg, resolve_model(cfg.base), None, value_model, DEVICE)
+        torch.nn.init.normal_(model.value_head.weight)  # so that the value loss reaches the trunk
+        trainer = make_trainer(model, tmp_path / str(checkpointing), max_new_tokens=6)
+        rollout, _, _ = trainer.rollout(trainer.prompts[:4], step=1)
+        noise = torch.Generator().manual_seed(1)
+        rollout.advantages = torch.randn(rollout.mask.shape, generator=noise).to(DEVICE) * rollout.mask
+        rollout.returns = torch.randn(rollout.mask.shape, generator=noise).to(DEVICE) * rollout.mask
+        model.train()
+        assert trainer.backward(rollout.micro_batch(torch.arange(4)), beta=0.05) is not None
+        grads[checkpointing] = {n: p.grad for n, p in model.peft.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and any(f".{VALUE}." in n for n in grads[True]) == (
+        value_model == "separate")
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)
