@@ -8,6 +8,7 @@ Only the main process writes; other processes of a distributed launch read the s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -25,6 +26,8 @@ import yaml
 from common.config import Recipe
 from common.errors import InputError
 from common.schema import to_dict
+
+log = logging.getLogger(__name__)
 
 DONE = "done.json"
 PACKAGES = ["alignlab", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets",
@@ -217,3 +220,14 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
     """
     done = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
     return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
+
+
+def train_and_evaluate(trainer, ctx: StageContext) -> None:
+    """Run a transformers / trl Trainer for a stage: from the newest complete checkpoint on --resume, then one
+    evaluation on the held-out split when there is one (its metrics reach metrics.jsonl via the callback)."""
+    resume_from = last_complete_checkpoint(ctx.dir / "checkpoints") if ctx.resume else None
+    if resume_from:
+        log.info("resuming %s from %s", ctx.name, resume_from)
+    trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()

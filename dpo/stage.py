@@ -32,7 +32,7 @@ from common.config import Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
 from common.models import load_base_model, load_tokenizer, load_trainable_model, lora_config, resolve_model
-from common.runs import StageContext, StageResult, last_complete_checkpoint
+from common.runs import StageContext, StageResult, train_and_evaluate
 from common.tracking import MetricsCallback, Tracker
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,7 @@ def train(cfg: DPOStage, ctx: StageContext) -> StageResult:
     tracker = Tracker(ctx.dir, recipe.report_to, f"{recipe.name}/{ctx.name}", ctx.is_main, cfg.args)
     metrics_cb = MetricsCallback(tracker)
     trainer = build_trainer(cfg, ctx, [metrics_cb])
-    checkpoints = ctx.dir / "checkpoints"
-    resume_from = last_complete_checkpoint(checkpoints) if ctx.resume else None
-    if resume_from:
-        log.info("resuming %s from %s", ctx.name, resume_from)
-    trainer.train(resume_from_checkpoint=resume_from)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()  # held-out implicit-reward accuracy and margins, through the callback
+    train_and_evaluate(trainer, ctx)  # ends with held-out implicit-reward accuracy and margins
     tracker.close()
 
     # The output is the policy alone: save_pretrained would also write the frozen reference copy as adapter/ref/.

@@ -54,7 +54,7 @@ from common.config import ModelConfig, Recipe, StageConfig
 from common.data import Splits, load_splits
 from common.errors import InputError
 from common.models import ResolvedModel, load_base_model, load_tokenizer, lora_config, resolve_model
-from common.runs import StageContext, StageResult, atomic_write_json, last_complete_checkpoint
+from common.runs import StageContext, StageResult, atomic_write_json, train_and_evaluate
 from common.tracking import MetricsCallback, Tracker
 from reward_model.agreement import gold_agreement
 from reward_model.api import HEAD, HEAD_FILE, INFO_FILE, RewardModel
@@ -184,13 +184,7 @@ def train(cfg: RewardModelStage, ctx: StageContext) -> StageResult:
     metrics_cb = MetricsCallback(tracker)
     trainer, splits = build_trainer(cfg, ctx, [metrics_cb])
     tokenizer = trainer.processing_class
-    checkpoints = ctx.dir / "checkpoints"
-    resume_from = last_complete_checkpoint(checkpoints) if ctx.resume else None
-    if resume_from:
-        log.info("resuming %s from %s", ctx.name, resume_from)
-    trainer.train(resume_from_checkpoint=resume_from)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()  # eval/accuracy and eval/margin, through the callback
+    train_and_evaluate(trainer, ctx)  # ends with eval/accuracy and eval/margin
 
     out = ctx.dir / "reward_model"
     trainer.save_model(str(out))  # the adapter with the head (modules_to_save); main process only, in the Trainer

@@ -9,7 +9,6 @@ Output: `adapter/` (a PEFT adapter + tokenizer that `PeftModel.from_pretrained` 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 
 from trl import SFTConfig, SFTTrainer
@@ -18,10 +17,8 @@ from common.config import Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
 from common.models import load_for_inference, load_tokenizer, load_trainable_model, resolve_model
-from common.runs import StageContext, StageResult, last_complete_checkpoint
+from common.runs import StageContext, StageResult, train_and_evaluate
 from common.tracking import MetricsCallback, Tracker
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,13 +59,7 @@ def train(cfg: SFTStage, ctx: StageContext) -> StageResult:
     metrics_cb = MetricsCallback(tracker, perplexity=True)
     trainer = build_trainer(cfg, ctx, [metrics_cb])
     tokenizer = trainer.processing_class
-    checkpoints = ctx.dir / "checkpoints"
-    resume_from = last_complete_checkpoint(checkpoints) if ctx.resume else None
-    if resume_from:
-        log.info("resuming %s from %s", ctx.name, resume_from)
-    trainer.train(resume_from_checkpoint=resume_from)
-    if trainer.eval_dataset is not None:
-        trainer.evaluate()  # logs loss/eval and eval/perplexity through the callback
+    train_and_evaluate(trainer, ctx)  # logs loss/eval and eval/perplexity through the callback
     tracker.close()
 
     out = "adapter" if recipe.model.lora is not None else "model"
