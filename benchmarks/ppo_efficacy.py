@@ -32,7 +32,7 @@ from common.stats import bootstrap_ci  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
 from ppo.rollout import forward_logprobs  # noqa: E402
 from ppo.stage import encode_prompts  # noqa: E402
-from recipes.runner import RunOptions, run_recipe  # noqa: E402
+from recipes.runner import RunOptions, load, run_recipe  # noqa: E402
 from reward_model.scorers import build_scorer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,12 +78,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     cli = parser.parse_args()
 
-    started = time.time()
+    recipe, _ = load(cli.recipe, cli.overrides)
+    done_file = (cli.output_dir or Path(recipe.output_dir)) / recipe.name / cli.run_id / "ppo" / "done.json"
+    before = done_file.read_text() if done_file.is_file() else None
     run = run_recipe(cli.recipe, RunOptions(overrides=cli.overrides, stage="ppo", resume=True, run_id=cli.run_id,
                                             output_dir=cli.output_dir))
     stage, cfg = run.stage_dir("ppo"), run.recipe.stages["ppo"]
-    done = json.loads((stage / "done.json").read_text())
-    print(f"ppo stage: {done['seconds']:.0f} s ({'this call' if time.time() - started > 30 else 'done before'}); "
+    done = json.loads(done_file.read_text())
+    print(f"ppo stage: {done['seconds']:.0f} s ({'run now' if done_file.read_text() != before else 'done before'}); "
           f"reward {cfg.reward}, {cfg.args.max_steps} steps of {cfg.args.rollout_batch_size}")
 
     from peft import PeftModel

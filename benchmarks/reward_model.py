@@ -4,7 +4,8 @@ One recipe run (the default recipe's model block, LoRA r=16), four stages:
 
   labels        the policy writes K reviews for each of N training prompts (prompts_train.jsonl) and M held-out
                 prompts (prompts_heldout.jsonl, films no training prompt mentions); VADER scores them; the best and
-                the worst review of each prompt make a pair; no label noise.
+                the worst review of each prompt make a pair (or, --strategy all_pairs, every two reviews whose
+                scores differ by at least --min-gap); no label noise.
   labels_noisy  the same pairs with each label flipped with probability --noise (0.25): source: dataset.
   rm            a reward model trained on `labels`;   rm_noisy: the same, trained on `labels_noisy`.
 
@@ -17,7 +18,8 @@ gold (VADER) order of the held-out pairs (eval/gold_accuracy: noise in the train
 targets >= 0.85 without noise and > 0.80 with noise 0.25), with trl's eval/accuracy against the stored labels.
 
     nice -n 10 .venv/bin/python benchmarks/reward_model.py [--train-prompts 40] [--test-prompts 20] [--k 4]
-        [--max-new-tokens 40] [--rm-steps 10] [--lr 1e-3] [--noise 0.25] [--sft-steps 0] [--output-dir /tmp/rm-bench]
+        [--max-new-tokens 40] [--strategy best_vs_worst] [--min-gap 0] [--rm-steps 10] [--lr 1e-3] [--noise 0.25]
+        [--sft-steps 0] [--output-dir /tmp/rm-bench]
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def build_recipe(args: argparse.Namespace, heldout: Path) -> dict:
                    "data": {"path": str(DATA / "prompts_train.jsonl"), "limit": args.train_prompts,
                             "test_path": str(heldout)},
                    "samples_per_prompt": args.k, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
-                   "batch_size": args.batch_size, "strategy": "best_vs_worst", "noise": 0.0},
+                   "batch_size": args.batch_size, "strategy": args.strategy, "min_gap": args.min_gap, "noise": 0.0},
         "labels_noisy": {"kind": "preferences", "source": "dataset", "data": {"stage": "labels"},
                          "noise": args.noise},
         "rm": {"kind": "reward_model", **policy, "data": {"stage": "labels"}, "args": rm_args},
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    parser.add_argument("--strategy", choices=["best_vs_worst", "all_pairs"], default="best_vs_worst")
+    parser.add_argument("--min-gap", type=float, default=0.0, help="smallest VADER gap that makes a pair")
     parser.add_argument("--rm-steps", type=int, default=10)
     parser.add_argument("--rm-batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -99,7 +103,8 @@ def main() -> None:
     print(f"  labelling: {args.train_prompts} + {args.test_prompts} prompts x K={args.k}, max_new_tokens "
           f"{args.max_new_tokens}: {lm['perf/completions_per_s']:.2f} completions/s "
           f"({lm['time/sampling']:.0f} s sampling), mean VADER {lm['rewards/gold_mean']:+.3f}")
-    print(f"  pairs: {lm['labels/train_pairs']:.0f} train / {lm['labels/test_pairs']:.0f} held out (chosen "
+    print(f"  pairs ({args.strategy}, min_gap {args.min_gap}): {lm['labels/train_pairs']:.0f} train / "
+          f"{lm['labels/test_pairs']:.0f} held out (chosen "
           f"{lm['rewards/gold_chosen']:+.3f} vs rejected {lm['rewards/gold_rejected']:+.3f}); noisy copy: "
           f"{done('labels_noisy')['metrics']['labels/flipped']:.0f} labels flipped")
     for name, record, target in (("no noise", rm, ">= 0.85"), (f"noise {args.noise}", rm_noisy, "> 0.80")):

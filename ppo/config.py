@@ -23,13 +23,13 @@ from common.errors import InputError
 
 @dataclass
 class PPOArgs:
-    """Every PPO hyperparameter. Defaults fit SmolLM2-135M with LoRA on a 2-core CPU (about 8 s a step)."""
+    """Every PPO hyperparameter. The defaults fit SmolLM2-135M with LoRA on a 2-core CPU: about 30 s a step."""
 
     # --- schedule: one step = one rollout of `rollout_batch_size` prompts per process, then the PPO epochs.
     max_steps: int = 40
     rollout_batch_size: int = 16
     minibatch_size: int = 8  # responses per optimizer step (per process); divides rollout_batch_size
-    gradient_accumulation_steps: int = 1  # micro-batches per minibatch; micro-batch size also bounds rollout forwards
+    gradient_accumulation_steps: int = 2  # micro-batches per minibatch; micro-batch size also bounds rollout forwards
     ppo_epochs: int = 2
     # --- optimizer (AdamW over the policy / value adapters and the value head only)
     learning_rate: float = 3.0e-4

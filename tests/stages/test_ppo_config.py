@@ -15,7 +15,7 @@ from tests.stages.test_ppo_training import ppo_recipe, write_recipe
 def test_the_test_recipe_loads_with_typed_defaults(tmp_path):
     recipe, _ = load(write_recipe(tmp_path, ppo_recipe(tmp_path)), ["stages.ppo.args.kl_coef=1e-2"])
     args = recipe.stages["ppo"].args
-    assert args.kl_coef == 0.01 and args.kl_estimator == "k1" and args.micro_batch_size == 4
+    assert args.kl_coef == 0.01 and args.kl_estimator == "k1" and args.micro_batch_size == 2
 
 
 @pytest.mark.parametrize("overrides, message", [
