@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from common.errors import InputError
-from common.generation import generate_responses, truncate_after_eos
+from common.generation import generate_responses, response_logprobs, truncate_after_eos
 from common.stats import bootstrap_ci
 
 Prompt = str | list[dict[str, str]]
@@ -111,7 +111,7 @@ def sample_model(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]], s
                                      temperature=settings.temperature, seed=settings.seed + b)
             cut = truncate_after_eos(gen.response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
             batch = SampleBatch(flat, gen.query_ids, gen.query_mask, cut.ids, cut.mask)
-            batch.logprobs = response_logprobs(model, batch, settings.temperature)
+            batch.logprobs = _batch_logprobs(model, batch, settings.temperature)
             batches.append(batch)
             texts = tokenizer.batch_decode(cut.ids.cpu(), skip_special_tokens=True)
             # Token length without the EOS: the tokens of the text the completion shows.
@@ -123,21 +123,12 @@ def sample_model(model: Any, tokenizer: Any, encoded: Sequence[Sequence[int]], s
 
 
 @torch.no_grad()
-def response_logprobs(model: Any, batch: SampleBatch, temperature: float) -> Tensor:
-    """[B, R] log softmax(logits / T)[token] of each response token under `model`; 0 after EOS.
-
-    One forward pass over prompt + response, positions counted over attended tokens (`cumsum(mask) - 1`, as
-    `generate` numbers a left-padded row), so each row gets the positions it would have alone.
-    """
+def _batch_logprobs(model: Any, batch: SampleBatch, temperature: float) -> Tensor:
+    """[B, R] log-probs of a batch's sampled tokens under `model` (`common.generation.response_logprobs`); 0 after
+    EOS."""
     ids = torch.cat([batch.query_ids, batch.response_ids], dim=1)
     mask = torch.cat([batch.query_mask, batch.response_mask], dim=1)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    start = batch.query_ids.shape[1]
-    # The logit at position t predicts token t + 1: responses are predicted from start - 1 to the next-to-last.
-    logits = logits[:, start - 1:-1].float() / temperature
-    picked = logits.gather(-1, batch.response_ids[..., None]).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * batch.response_mask
+    return response_logprobs(model, ids, mask, batch.query_ids.shape[1], temperature).logprobs
 
 
 def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -153,7 +144,7 @@ def kl_to_reference(reference: Any, samples: ModelSamples, temperature: float) -
     """KL estimate of each of a model's completions (flat order) against `reference`, the model now active."""
     kl = [0.0] * len(samples.completions)
     for batch in tqdm(samples.batches, desc="reference log-probs", unit="batch"):
-        ref = response_logprobs(reference, batch, temperature)
+        ref = _batch_logprobs(reference, batch, temperature)
         for j, value in zip(batch.jobs, sequence_kl(batch.logprobs, ref, batch.response_mask).tolist(), strict=True):
             kl[j] = value
     return kl
@@ -175,13 +166,17 @@ def mean_ci(values: Sequence[float], per_prompt: int, seed: int = 0) -> dict[str
 
 
 def summarize(samples: ModelSamples, per_prompt: int, gold: Sequence[float] | None, rm: Sequence[float] | None,
-              kl: Sequence[float] | None, seed: int = 0) -> dict[str, Any]:
-    """A model's `gen` entry of results.json."""
+              kl: Sequence[float] | None, ref_gold: Sequence[float] | None = None, seed: int = 0) -> dict[str, Any]:
+    """A model's `gen` entry of results.json. With `ref_gold`, the reference model's gold rewards on the same
+    (prompt, sample) jobs, `gold_reward_vs_ref` is the paired difference: its interval resamples prompts of
+    per-prompt differences, far narrower than the two models' intervals side by side when prompts vary a lot."""
     def stat(values):
         return None if values is None else mean_ci(values, per_prompt, seed)
 
+    paired = None if gold is None or ref_gold is None else [a - b for a, b in zip(gold, ref_gold, strict=True)]
     return {
         "gold_reward": stat(gold),
+        "gold_reward_vs_ref": stat(paired),
         "rm_reward": stat(rm),
         "kl_to_ref": stat(kl),
         "length_tokens": stat(samples.length_tokens),

@@ -36,9 +36,8 @@ from torch import Tensor, nn
 from trl.trainer.utils import disable_dropout_in_model
 
 from common.config import ModelConfig
-from common.generation import Generation, generate_responses
+from common.generation import Generation, generate_responses, position_ids, response_logprobs
 from common.models import ResolvedModel, load_base_model, lora_config
-from ppo.rollout import forward_logprobs
 from reward_model.api import HEAD_FILE as REWARD_HEAD_FILE
 from reward_model.api import RewardModel
 
@@ -142,12 +141,12 @@ class OneBaseModel:
         """
         self._activate(POLICY)
         if self.value_model == "separate":
-            out = forward_logprobs(self.peft, ids, mask, start, temperature, return_entropy=with_entropy)
+            out = response_logprobs(self.peft, ids, mask, start, temperature, return_entropy=with_entropy)
             return PolicyOutput(out.logprobs, out.entropy, None)
         captured: list[Tensor] = []
         hook = self.lm.get_output_embeddings().register_forward_pre_hook(lambda _, args: captured.append(args[0]))
         try:
-            out = forward_logprobs(self.peft, ids, mask, start, temperature, return_entropy=with_entropy)
+            out = response_logprobs(self.peft, ids, mask, start, temperature, return_entropy=with_entropy)
         finally:
             hook.remove()
         response_len = ids.shape[1] - start
@@ -159,8 +158,7 @@ class OneBaseModel:
     def values(self, ids: Tensor, mask: Tensor, start: int) -> Tensor:
         """V(s_t) from the separate value adapter: its trunk's last hidden state, no LM head."""
         self._activate(VALUE)
-        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # as generate numbers left-padded rows
-        hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+        hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                                        use_cache=False).last_hidden_state
         return self._head(hidden[:, start - 1:-1], mask[:, start:])
 
@@ -172,9 +170,9 @@ class OneBaseModel:
         """log pi_ref of the response tokens: the frozen reference adapter, or the base with adapters off."""
         if self.has_reference_adapter:
             self._activate(REFERENCE)
-            return forward_logprobs(self.peft, ids, mask, start, temperature).logprobs
+            return response_logprobs(self.peft, ids, mask, start, temperature).logprobs
         with self._base_only():
-            return forward_logprobs(self.peft, ids, mask, start, temperature).logprobs
+            return response_logprobs(self.peft, ids, mask, start, temperature).logprobs
 
     # --- training state -----------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -1,4 +1,5 @@
-"""PPO's losses and the per-token quantities computed from a language model's logits.
+"""PPO's losses: the clipped policy surrogate and the clipped value loss. (The per-token log-probs and entropies
+they take are computed from a language model's logits by `common.generation.response_logprobs`.)
 
 Per-token tensors are `[batch, response_len]` with a `mask` of the same shape (true on response tokens);
 losses are means over all masked-in tokens of the minibatch (token-level averaging: a long response weighs
@@ -92,69 +93,3 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
         stats = {"clipfrac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
     return loss, stats
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision log-softmax loses the small differences PPO's ratios are made of; float32 at least.
-    return torch.promote_types(dtype, torch.float32)
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / temperature)[label] for every position, i.e. log pi(label_t | context_t).
-
-    Computed as `logit[label] / T - logsumexp(logits / T)`, one batch row at a time in (at least) float32, so
-    the full `[B, T, V]` log-softmax is never materialised: the peak extra memory is one row `[T, V]`.
-
-    Args:
-        logits: [B, T, V] (or [T, V]) logits of the positions that predict `labels`.
-        labels: [B, T] (or [T]) token ids; every entry must be a valid id (mask padding separately).
-        temperature: the sampling temperature; must be the one used at generation, so that these are the
-            log-probs of the distribution the tokens were drawn from.
-
-    Returns:
-        [B, T] log-probs, float32 (float64 for float64 logits).
-    """
-    if temperature <= 0:
-        raise ValueError(f"logprobs_from_logits: temperature must be > 0, got {temperature}.")
-    if logits.dim() not in (2, 3) or logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"logprobs_from_logits: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}; "
-            "expected logits [..., V] over the labels' positions."
-        )
-    if logits.dim() == 2:
-        return logprobs_from_logits(logits[None], labels[None], temperature)[0]
-    dtype = _compute_dtype(logits.dtype)
-    rows = []
-    for row_logits, row_labels in zip(logits, labels, strict=True):
-        row_logits = row_logits.to(dtype)
-        if temperature != 1.0:
-            row_logits = row_logits / temperature
-        picked = row_logits.gather(-1, row_labels[:, None]).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy of softmax(z) over the last axis, z = logits / temperature:
-
-        H = -sum_i p_i log p_i = logsumexp(z) - sum_i p_i * z_i      (since log p_i = z_i - logsumexp(z))
-
-    Pass the sampling temperature for the entropy of the distribution responses were drawn from. Computed
-    one batch row at a time in (at least) float32, like `logprobs_from_logits`. Returns logits.shape[:-1].
-    """
-    if temperature <= 0:
-        raise ValueError(f"entropy_from_logits: temperature must be > 0, got {temperature}.")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"entropy_from_logits: expected [B, T, V] or [T, V] logits, got shape {tuple(logits.shape)}.")
-    if logits.dim() == 2:
-        return entropy_from_logits(logits[None], temperature)[0]
-    dtype = _compute_dtype(logits.dtype)
-    rows = []
-    for row_logits in logits:
-        row_logits = row_logits.to(dtype)
-        if temperature != 1.0:
-            row_logits = row_logits / temperature
-        probs = torch.softmax(row_logits, dim=-1)
-        # A token masked to -inf (top-k / top-p filtered logits) has p = 0 and adds 0, not 0 * -inf = nan.
-        weighted = torch.where(probs > 0, probs * row_logits, torch.zeros((), dtype=dtype, device=probs.device))
-        rows.append(torch.logsumexp(row_logits, dim=-1) - weighted.sum(-1))
-    return torch.stack(rows)

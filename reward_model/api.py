@@ -45,6 +45,7 @@ from transformers import AutoTokenizer
 
 from common.config import ModelConfig
 from common.errors import InputError
+from common.generation import position_ids
 from common.models import load_base_model, resolve_model
 from reward_model.sampling import Messages, as_messages
 
@@ -204,9 +205,8 @@ class RewardModel:
     def score_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Rewards of a batch of formatted token ids ([B, T], padded on either side): float32 [B] on the CPU.
 
-        Positions are counted over attended tokens only (`cumsum(mask) - 1`), so a left-padded row gets the
-        positions it would have alone, as in training.
+        Positions are counted over attended tokens only (`common.generation.position_ids`), so a left-padded row
+        gets the positions it would have alone, as in training.
         """
         ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        return self._forward(ids, mask, positions).float().cpu()
+        return self._forward(ids, mask, position_ids(mask)).float().cpu()

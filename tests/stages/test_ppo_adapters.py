@@ -13,11 +13,11 @@ from accelerate import Accelerator
 from peft import PeftModel, get_peft_model
 
 from common.config import LoraSpec, ModelConfig
+from common.generation import response_logprobs
 from common.models import load_base_model, load_tokenizer, lora_config, resolve_model
 from common.tracking import Tracker
 from ppo.adapters import POLICY, REFERENCE, VALUE, OneBaseModel
 from ppo.config import PPOArgs
-from ppo.rollout import forward_logprobs
 from ppo.stage import encode_prompts
 from ppo.trainer import PPOTrainer
 from reward_model.scorers import build_scorer
@@ -79,7 +79,7 @@ def test_roles_after_ppo_steps(sft_adapter, tmp_path, value_model):
         ref_before = model.reference_logprobs(ids, mask, start, 1.0)
         policy_before = model.policy_forward(ids, mask, start, 1.0).logprobs
         with model._base_only():
-            base_logprobs = forward_logprobs(model.peft, ids, mask, start, 1.0).logprobs
+            base_logprobs = response_logprobs(model.peft, ids, mask, start, 1.0).logprobs
     # The policy starts as the SFT adapter, which is the reference; the base itself differs from both.
     assert torch.equal(policy_before, ref_before)
     assert (base_logprobs - ref_before).abs().max() > 1e-3
@@ -114,7 +114,7 @@ def test_roles_after_ppo_steps(sft_adapter, tmp_path, value_model):
     reloaded = PeftModel.from_pretrained(load_base_model(MODEL, resolve_model(MODEL.base), training=False),
                                          tmp_path / "adapter").eval().to(DEVICE)
     with torch.no_grad():
-        torch.testing.assert_close(forward_logprobs(reloaded, ids, mask, start, 1.0).logprobs, policy_after)
+        torch.testing.assert_close(response_logprobs(reloaded, ids, mask, start, 1.0).logprobs, policy_after)
 
 
 def test_without_sft_the_reference_is_the_base_with_adapters_disabled(tmp_path):
@@ -122,7 +122,7 @@ def test_without_sft_the_reference_is_the_base_with_adapters_disabled(tmp_path):
     ids, mask, start = fixed_batch()
     plain = load_base_model(MODEL, resolve_model(MODEL.base), training=False).eval().to(DEVICE)
     with torch.no_grad():
-        expected = forward_logprobs(plain, ids, mask, start, 1.0).logprobs
+        expected = response_logprobs(plain, ids, mask, start, 1.0).logprobs
         torch.testing.assert_close(model.reference_logprobs(ids, mask, start, 1.0), expected)
     make_trainer(model, tmp_path, learning_rate=1e-2).train()
     with torch.no_grad():

@@ -1,13 +1,13 @@
-"""Rollouts on the tiny random Llama: left-padded generation, EOS truncation, recomputed log-probs."""
+"""common.generation on the tiny random Llama: left-padded sampling with the temperature alone, EOS truncation, and
+the recomputed log-probs (`response_logprobs`) equal to each sequence's alone, with grad for the PPO update."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from common.generation import generate_responses, pad_left, truncate_after_eos
+from common.generation import generate_responses, response_logprobs, truncate_after_eos
 from common.tiny import build_tiny_model, build_tiny_tokenizer
-from ppo.rollout import forward_logprobs
 
 TEMPERATURE = 0.7
 # Chat prompts of different lengths, so the batch really is left-padded.
@@ -84,7 +84,7 @@ def test_recomputed_logprobs_match_one_sequence_at_a_time(model, rollout, prompt
     ids = torch.cat([gen.query_ids, resp.ids], dim=1)
     attention = torch.cat([gen.query_mask, resp.mask], dim=1)
     with torch.no_grad():
-        out = forward_logprobs(model, ids, attention, gen.response_start, TEMPERATURE, return_entropy=True)
+        out = response_logprobs(model, ids, attention, gen.response_start, TEMPERATURE, return_entropy=True)
     assert out.logprobs.shape == resp.ids.shape == out.entropy.shape
     pad_inside_a_response = False
     for i, prompt in enumerate(prompts):
@@ -100,18 +100,18 @@ def test_recomputed_logprobs_match_one_sequence_at_a_time(model, rollout, prompt
     assert pad_inside_a_response
 
 
-def test_forward_logprobs_keeps_the_graph_for_the_ppo_update(model, rollout):
+def test_response_logprobs_keeps_the_graph_for_the_ppo_update(model, rollout):
     gen, resp = rollout
     ids = torch.cat([gen.query_ids, resp.ids], dim=1)
     attention = torch.cat([gen.query_mask, resp.mask], dim=1)
-    out = forward_logprobs(model, ids, attention, gen.response_start, TEMPERATURE)
+    out = response_logprobs(model, ids, attention, gen.response_start, TEMPERATURE)
     assert out.entropy is None and out.logprobs.requires_grad
     out.logprobs.sum().backward()
     assert model.model.embed_tokens.weight.grad is not None
     model.zero_grad(set_to_none=True)
 
 
-def test_forward_logprobs_divides_logits_by_the_temperature(model, prompts):
+def test_response_logprobs_divides_logits_by_the_temperature(model, prompts):
     # Log-probs at temperature T are log_softmax(logits / T); T = 1 and T = 2 must both match that and differ.
     prompt, response = prompts[0], [70, 71, 2]
     ids = torch.tensor(prompt + response)[None]
@@ -119,7 +119,7 @@ def test_forward_logprobs_divides_logits_by_the_temperature(model, prompts):
     results = {}
     for temperature in (1.0, 2.0):
         with torch.no_grad():
-            lp = forward_logprobs(model, ids, mask, len(prompt), temperature).logprobs[0]
+            lp = response_logprobs(model, ids, mask, len(prompt), temperature).logprobs[0]
         expected, _ = unpadded_logprobs(model, prompt, response, temperature)
         torch.testing.assert_close(lp.double(), expected, atol=1e-5, rtol=0)
         results[temperature] = lp
@@ -182,27 +182,3 @@ def test_generation_restores_train_mode_and_refuses_distribution_changing_config
     model.generation_config.suppress_tokens = [5]
     with pytest.raises(ValueError, match="suppress_tokens"):
         generate_responses(model, tokenizer, prompts[:1], max_new_tokens=2)
-
-
-def test_truncate_after_eos_by_hand():
-    eos, pad = 2, 3
-    ids = torch.tensor([
-        [5, 2, 7, 2],  # EOS at 1: the later tokens (a second EOS too) become pad and leave the mask
-        [5, 6, 7, 8],  # no EOS: cut by the budget, all kept, has_eos False
-        [2, 9, 9, 9],  # EOS first: a one-token response
-        [5, 3, 2, 3],  # a sampled pad id before the EOS is a real token and stays in the mask
-    ])
-    out = truncate_after_eos(ids, eos, pad)
-    assert out.ids.tolist() == [[5, 2, 3, 3], [5, 6, 7, 8], [2, 3, 3, 3], [5, 3, 2, 3]]
-    assert out.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
-    assert out.has_eos.tolist() == [True, False, True, True]
-    ids_, mask, has_eos = out  # unpacks as a plain tuple
-    assert mask.dtype == torch.long and has_eos.dtype == torch.bool
-
-
-def test_pad_left():
-    ids, mask = pad_left([[7, 8, 9], torch.tensor([4])], pad_id=3)
-    assert ids.tolist() == [[7, 8, 9], [3, 3, 4]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    with pytest.raises(ValueError, match="empty"):
-        pad_left([[1], []], pad_id=3)
