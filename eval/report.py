@@ -77,6 +77,7 @@ def read_run(root: Path) -> RunData:
 
 COLUMNS = [  # (header, path into a model's results entry, format)
     ("gold reward", ("gen", "gold_reward"), "{:.3f}"),
+    ("gold reward − ref", ("gen", "gold_reward_vs_ref"), "{:+.3f}"),  # paired by prompt: the effect, with its CI
     ("RM reward", ("gen", "rm_reward"), "{:.3f}"),
     ("KL to ref", ("gen", "kl_to_ref"), "{:.2f}"),
     ("length (tokens)", ("gen", "length_tokens"), "{:.1f}"),
@@ -88,6 +89,10 @@ COLUMNS = [  # (header, path into a model's results entry, format)
     ("MC ECE", ("mc", "calibration", "ece"), "{:.3f}"),
     ("judge win rate", ("judge",), "{:.3f}"),
 ]
+
+
+# The columns `alignlab run` prints when a run ends; the report has them all.
+SHORT_COLUMNS = ("gold reward", "gold reward − ref", "KL to ref", "MC accuracy", "judge win rate")
 
 
 def lookup(entry: dict, path: tuple[str, ...]):

@@ -463,7 +463,10 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
         del reward_model
         gc.collect()
     for name in names:
-        results[name].gen = summarize(samples[name], n, gold[name], rm[name], kl[name], seed=gen.settings.seed)
+        # The reference's own difference is 0 by construction: only the other models get one.
+        ref_gold = gold.get(gen.reference) if name != gen.reference else None
+        results[name].gen = summarize(samples[name], n, gold[name], rm[name], kl[name], ref_gold,
+                                      seed=gen.settings.seed)
         results[name].samples = sample_rows(gen.prompts, samples[name], n, gold[name], rm[name], kl[name])
     if judge is not None:
         for name in names:
@@ -517,7 +520,7 @@ def judge_samples(config: Any, rows_a: Sequence[dict], rows_b: Sequence[dict], v
 
 
 # The numbers done.json (and the run's summary table) carry; metrics.jsonl has every scalar.
-HEADLINE = ("gold_reward", "rm_reward", "kl_to_ref", "mc_acc", "judge_win_rate")
+HEADLINE = ("gold_reward", "gold_reward_vs_ref", "rm_reward", "kl_to_ref", "mc_acc", "judge_win_rate")
 
 
 def flat_metrics(results: dict[str, ModelResult]) -> dict[str, float]:

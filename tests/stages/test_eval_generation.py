@@ -7,19 +7,18 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from common.generation import pad_left
 from common.tiny import build_tiny_model, build_tiny_tokenizer
 from eval.generation import (
-    SampleBatch,
+    ModelSamples,
     SamplingSettings,
     distinct_n,
     encode_prompts,
     kl_to_reference,
     mean_ci,
     prompt_text,
-    response_logprobs,
     sample_model,
     sequence_kl,
+    summarize,
 )
 
 PROMPTS = ["Review the film 'Heat'.", [{"role": "user", "content": "Review 'Up'."}], "Say something kind."]
@@ -60,6 +59,19 @@ def test_interval_resamples_prompts_not_completions():
     assert mean_ci([2, 2, 2, 2], per_prompt=2) == {"mean": 2.0, "ci": [2.0, 2.0], "n": 4}
 
 
+def test_paired_difference_to_the_reference_cancels_what_prompts_share():
+    # Three prompts of very different difficulty, one completion each; the model beats the reference by exactly
+    # 0.1 on every one. Side by side the two means' intervals overlap widely; paired, every resample of the
+    # per-prompt differences has mean 0.1, so the interval is [0.1, 0.1].
+    samples = ModelSamples(["a", "b", "c"], [1, 1, 1], [True, True, True], [])
+    reference, model = [-0.9, 0.0, 0.8], [-0.8, 0.1, 0.9]
+    gen = summarize(samples, 1, model, None, None, ref_gold=reference)
+    assert gen["gold_reward_vs_ref"]["mean"] == pytest.approx(0.1, abs=1e-9)
+    assert gen["gold_reward_vs_ref"]["ci"] == pytest.approx([0.1, 0.1], abs=1e-9)
+    assert gen["gold_reward"]["ci"][0] < -0.5 < 0.5 < gen["gold_reward"]["ci"][1]
+    assert summarize(samples, 1, model, None, None)["gold_reward_vs_ref"] is None, "no reference, no difference"
+
+
 def test_prompt_text_reads_chat_prompts():
     assert prompt_text("hi") == "hi" and prompt_text([{"role": "user", "content": "hi"}]) == "hi"
     assert prompt_text([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]) == \
@@ -70,23 +82,6 @@ def test_prompt_text_reads_chat_prompts():
 def tiny():
     tokenizer = build_tiny_tokenizer()
     return build_tiny_model(tokenizer), tokenizer
-
-
-def test_left_padded_logprobs_equal_each_row_alone(tiny):
-    model, tok = tiny
-    queries = [[5, 6, 7, 8, 9], [10, 11]]
-    responses = torch.tensor([[20, 21, 22], [30, tok.eos_token_id, tok.pad_token_id]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    q_ids, q_mask = pad_left(queries, tok.pad_token_id)
-    batched = response_logprobs(model, SampleBatch([0, 1], q_ids, q_mask, responses, mask), temperature=0.7)
-    for i, query in enumerate(queries):
-        n = int(mask[i].sum())
-        ids = torch.tensor([query + responses[i, :n].tolist()])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(query) - 1:-1].float() / 0.7
-        alone = torch.log_softmax(logits, -1).gather(-1, ids[0, len(query):, None]).squeeze(-1)
-        assert batched[i, :n].tolist() == pytest.approx(alone.tolist(), abs=1e-5)
-        assert batched[i, n:].abs().sum() == 0, "nothing after EOS"
 
 
 def test_same_seed_same_samples_and_kl_to_itself_is_exactly_zero(tiny):

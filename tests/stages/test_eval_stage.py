@@ -81,6 +81,13 @@ def test_eval_stage_writes_the_results_layout(eval_recipe, tmp_path):
     base, sft = combined["models"]["base"], combined["models"]["sft"]
     assert base["gen"]["kl_to_ref"] == {"mean": 0.0, "ci": [0.0, 0.0], "n": 6}, "the reference is base itself"
     assert sft["gen"]["kl_to_ref"]["mean"] != 0.0, "the SFT adapter changed the model"
+    # The paired gold difference to the reference, row by row over the same (prompt, sample) jobs; none for itself.
+    gold = {name: [json.loads(row)["scores"]["gold"] for row in (out / name / "samples.jsonl").read_text().splitlines()]
+            for name in ("base", "sft")}
+    differences = [s - b for s, b in zip(gold["sft"], gold["base"], strict=True)]
+    assert sft["gen"]["gold_reward_vs_ref"]["mean"] == pytest.approx(sum(differences) / 6, abs=1e-9)
+    assert sft["gen"]["gold_reward_vs_ref"]["n"] == 6
+    assert base["gen"]["gold_reward_vs_ref"] is None
     assert "adapter" in sft["source"] and "tiny-random-llama" in base["source"]
     assert sft["judge"] is None and base["judge"]["vs"] == "sft"
     judge = base["judge"]

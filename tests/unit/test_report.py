@@ -12,7 +12,7 @@ from recipes.cli import main
 
 def fake_run(root: Path, seed: int, ppo_reward: float) -> Path:
     root.mkdir(parents=True)
-    (root / "recipe.yaml").write_text("name: sentiment\nseed: %d\n" % seed)
+    (root / "recipe.yaml").write_text(f"name: sentiment\nseed: {seed}\n")
     (root / "manifest.json").write_text(json.dumps({"seed": seed, "command": ["alignlab", "run"],
                                                     "git": {"commit": "abc"}}))
     for stage, kind, rows in [
