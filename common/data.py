@@ -48,8 +48,8 @@ def read_file(path: Path, where: str) -> datasets.Dataset:
         raise InputError(f"{path}: unsupported file type '{path.suffix}' ({where}); use one of "
                          f"{', '.join(LOCAL_FORMATS)}")
     if not path.is_file():
-        raise InputError(f"{path}: data file not found ({where}); fix the path (relative paths are relative "
-                         "to the recipe file)")
+        raise InputError(f"{path}: data file not found ({where}); restore it or fix the path (relative paths are "
+                         "relative to the recipe file)")
     with open(path, "rb") as f:
         if not f.read(1 << 16).strip():
             raise InputError(f"{path}: the dataset is empty ({where}); give a file with at least one record")
@@ -57,7 +57,10 @@ def read_file(path: Path, where: str) -> datasets.Dataset:
         if fmt == "csv":  # cells are text: type inference would turn an answer "42" into an int
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
             return datasets.Dataset.from_pandas(frame.replace("", None), preserve_index=False)
-        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+        # Not load_dataset(fmt, ...): for a local file it still pings the hub to count a download, which on an
+        # offline machine costs a timeout per file.
+        reader = datasets.Dataset.from_json if fmt == "json" else datasets.Dataset.from_parquet
+        return reader(str(path))
     except Exception as e:  # datasets wraps parser errors in several types; the first line says enough
         first_line = (str(e).splitlines() or [""])[0][:200]
         raise InputError(f"{path}: cannot be read as {fmt} ({type(e).__name__}: {first_line}); "

@@ -1,8 +1,22 @@
-"""The one exception type for bad user input.
+"""The errors that end a command with one line on stderr instead of a traceback.
 
-Raise `InputError` for anything the user can fix (a recipe key, a data row, a file, a model name).
-The CLI prints its message as one line and exits with code 2 before any training starts.
+Raise `InputError` for anything the user can fix (a recipe key, a data row, a file, a model name): the CLI
+prints its message as one line and exits with code 2, before any training starts when the recipe is checked.
+`DiskFullError` (exit code 3) is a write that found no space; the runner raises it naming the stage and the
+command that resumes the run.
 """
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Below this many free bytes a bare RuntimeError from a write is taken for a full disk (see disk_full).
+LOW_SPACE = 1 << 20
 
 
 class InputError(Exception):
@@ -10,3 +24,29 @@ class InputError(Exception):
     what to do."""
 
     exit_code = 2
+
+
+class DiskFullError(Exception):
+    """A write failed for lack of space (or quota); nothing was marked done, so `--resume` continues."""
+
+    exit_code = 3
+
+
+def causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then the exception it was raised from or while handling, and so on."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether `error` is a write that found no space on `directory`'s disk.
+
+    Python's writes raise OSError(ENOSPC / EDQUOT), maybe wrapped; safetensors raises its own error with the
+    OS message; torch.save raises a bare RuntimeError ("unexpected pos …"), recognised by the disk being full.
+    """
+    messages = tuple(os.strerror(code) for code in DISK_FULL)
+    if any((isinstance(e, OSError) and e.errno in DISK_FULL) or any(m in str(e) for m in messages)
+           for e in causes(error)):
+        return True
+    return isinstance(error, RuntimeError) and shutil.disk_usage(directory).free < LOW_SPACE

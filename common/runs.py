@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import yaml
 
 from common.config import Recipe
-from common.errors import InputError
+from common.errors import DiskFullError, InputError, causes, disk_full
 from common.schema import to_dict
 
 log = logging.getLogger(__name__)
@@ -212,14 +214,43 @@ class StageContext:
         return self.run.output(stage, key)
 
 
+@contextmanager
+def resumable(run: Run, stage: str, resume: str) -> Iterator[None]:
+    """End a stage stopped by something fixed outside the lab (a full disk, a file removed after the run started,
+    input found wrong only while running) with one line naming the stage and `resume`, the command that continues
+    the run. The stage is not marked done and its complete checkpoints stay, so that command picks it up."""
+    where = f"stage '{stage}' of {run.root}"
+    try:
+        yield
+    except InputError as e:
+        raise InputError(f"{where} stopped: {e}; then resume: {resume}") from e
+    except Exception as e:
+        if disk_full(e, run.root):
+            path = next((f" ({c.filename})" for c in causes(e) if isinstance(c, OSError) and c.filename), "")
+            raise DiskFullError(f"disk full while running {where}{path}: free space, then resume: {resume}") from e
+        if isinstance(e, FileNotFoundError) and e.filename:
+            raise InputError(f"{where} stopped: {e.filename} is gone (removed after the run started?); restore it, "
+                             f"then resume: {resume}") from e
+        raise
+
+
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
     """The newest Trainer checkpoint that was written to the end, for --resume.
 
     A run killed while saving leaves a `checkpoint-N` folder without its `trainer_state.json`, which the
-    Trainer writes last; resuming from it fails, so such folders are passed over.
+    Trainer writes last; a full disk can leave that file cut short. Resuming from either fails, so such
+    folders are passed over.
     """
-    done = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    done = [p for p in checkpoints.glob("checkpoint-*") if _reads_as_json(p / "trainer_state.json")]
     return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
+
+
+def _reads_as_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def train_and_evaluate(trainer, ctx: StageContext) -> None:

@@ -1,22 +1,28 @@
-"""`alignlab` command line. Parses arguments and calls the runner; bad input exits with code 2 and one line."""
+"""`alignlab` command line. Parses arguments and calls the runner; bad input exits with code 2 and one line, a full
+disk with code 3 and one line (see EXIT_CODES)."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
 from pathlib import Path
 
-from common.errors import InputError
+from common.errors import DiskFullError, InputError
 from eval import cli as eval_cli
+
+EXIT_CODES = (f"exit codes: 0 done; {InputError.exit_code} bad input, one line on stderr (found mid-run, the run "
+              f"stops resumable: fix it, then --resume); {DiskFullError.exit_code} disk full, one line (free space, "
+              "then --resume)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignlab", description="alignment and post-training lab")
+    parser = argparse.ArgumentParser(prog="alignlab", description="alignment and post-training lab", epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a recipe (all stages, or one with --stage)")
+    run = sub.add_parser("run", help="run a recipe (all stages, or one with --stage)", epilog=EXIT_CODES)
     run.add_argument("recipe", type=Path)
     run.add_argument("--stage", help="run only this stage (its inputs must be done in the run)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -71,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
             runner.run_recipe(args.recipe, runner.RunOptions(
                 overrides=args.overrides, stage=args.stage, resume=args.resume, run_id=args.run_id,
                 overwrite=args.overwrite, output_dir=args.output_dir))
-    except InputError as e:
-        print(f"alignlab: error: {e}", file=sys.stderr)
-        return InputError.exit_code
-    return 0
+    except (InputError, DiskFullError) as e:
+        message, code = f"alignlab: error: {e}", e.exit_code
+    else:
+        return 0
+    # A stage stopped mid-loop leaves its progress bar open, to be closed (and redrawn) when the trainer holding it
+    # is collected: collect now, so that the error line comes last.
+    gc.collect()
+    print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -21,11 +24,17 @@ from transformers import set_seed
 
 from common.config import Recipe, load_recipe
 from common.errors import InputError
-from common.runs import Run, StageContext
+from common.runs import Run, StageContext, resumable
 from recipes.stages import STAGE_KINDS, config_classes
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
+
+# At the end of a stage the other processes wait for the main one, which alone evaluates (the eval stage) and labels
+# preference pairs: on a real model far longer than a process group's default timeout (NCCL's is 10 minutes, then
+# the waiting process is aborted). They wait on a gloo group of their own with this timeout, so that a collective
+# in training still fails fast on a real hang.
+STAGE_WAIT = timedelta(hours=24)
 
 
 @dataclass
@@ -53,8 +62,17 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def stage_barrier(state: PartialState) -> Callable[[], None]:
+    """A barrier for the ends of stages, with a timeout long enough for the main process's work alone."""
+    if state.num_processes == 1:
+        return lambda: None
+    group = torch.distributed.new_group(backend="gloo", timeout=STAGE_WAIT)
+    return lambda: torch.distributed.barrier(group=group)
+
+
 def run_recipe(recipe_path: str | Path, opts: RunOptions) -> Run:
     state = process_state()
+    wait_for_everyone = stage_barrier(state)
     recipe, _ = load(recipe_path, opts.overrides)
     raw_text = Path(recipe_path).read_text()
     order = recipe.order()
@@ -80,14 +98,27 @@ def run_recipe(recipe_path: str | Path, opts: RunOptions) -> Run:
         console.rule(f"[bold]stage {i}/{len(targets)}: {name} ({cfg.kind})")
         set_seed(recipe.seed)
         started = time.time()
-        result = STAGE_KINDS[cfg.kind].train(cfg, StageContext(run, name, state.is_main_process, opts.resume))
-        state.wait_for_everyone()
-        if state.is_main_process:
-            run.mark_done(name, result, time.time() - started)
+        with resumable(run, name, resume_command(recipe_path, opts, run.root.name)):
+            result = STAGE_KINDS[cfg.kind].train(cfg, StageContext(run, name, state.is_main_process, opts.resume))
+            wait_for_everyone()
+            if state.is_main_process:
+                run.mark_done(name, result, time.time() - started)
+            wait_for_everyone()  # the next stage reads this one's done.json (its outputs) on every process
         summary.append((name, cfg.kind, f"{time.time() - started:.0f} s", run.done_record(name)))
     if state.is_main_process:
         print_summary(run, summary)
+        if opts.stage is None and any(recipe.stages[n].kind == "eval" for n in order):
+            print_results(run)
     return run
+
+
+def resume_command(recipe_path: str | Path, opts: RunOptions, run_id: str) -> str:
+    """The command that continues this run: the same recipe, overrides (they enter the stages' config hashes),
+    stage and output directory."""
+    args = ["alignlab", "run", str(recipe_path), *(a for o in opts.overrides for a in ("--set", o))]
+    args += ["--stage", opts.stage] if opts.stage else []
+    args += ["--output-dir", str(opts.output_dir)] if opts.output_dir else []
+    return shlex.join([*args, "--resume", "--run-id", run_id])
 
 
 def _create_run(recipe: Recipe, raw_text: str, opts: RunOptions, state: PartialState) -> Run:
@@ -123,3 +154,20 @@ def print_summary(run: Run, rows: list) -> None:
         table.add_row(name, kind, took, shown)
     Console().print(table)
     Console().print(f"outputs: {run.root}")
+
+
+def print_results(run: Run) -> None:
+    """The run's report (RUN/report.html and its Markdown twin) and, in the terminal, the headline columns of its
+    results table: what each model gained over the reference, at what KL, and what it cost elsewhere."""
+    from eval.report import SHORT_COLUMNS, read_run, results_table, write_report
+
+    html_path, _ = write_report([run.root], run.root / "report.html")
+    header, rows = results_table([read_run(run.root)])
+    keep = [0, *[i for i, h in enumerate(header) if h in SHORT_COLUMNS]]
+    table = Table(title="results (95% bootstrap intervals)")
+    for i in keep:
+        table.add_column(header[i])
+    for row in rows:
+        table.add_row(*[row[i] for i in keep])
+    Console().print(table)
+    Console().print(f"report: {html_path}")

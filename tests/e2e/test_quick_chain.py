@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.tracking import read_metrics
-from eval.report import write_report
+from eval.report import read_run, results_table, write_report
 from recipes.runner import RunOptions, run_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +44,13 @@ def quick_run(tmp_path_factory):
 
 def test_every_stage_finishes_and_the_report_renders(quick_run, tmp_path):
     assert all(quick_run.is_done(name) for name in quick_run.recipe.stages)
+    # The run ends with its own report; its table has a row per evaluated model, each but the reference (sft)
+    # with a paired gold difference to it.
+    header, rows = results_table([read_run(quick_run.root)])
+    assert (quick_run.root / "report.html").is_file()
+    delta = header.index("gold reward − ref")
+    assert {r[0]: r[delta] != "–" for r in rows} == {"base": True, "sft": False, "dpo-beta0p1": True,
+                                                     "dpo-beta0p5": True, "ppo": True}
     html_path, md_path = write_report([quick_run.root], tmp_path / "report.html")
     page = html_path.read_text()
     assert "<h2>Results</h2>" in page and page.count("data:image/png;base64,") >= 1
