@@ -31,3 +31,9 @@ def test_recipe_validates(path):
 def test_accelerate_config_parses(path):
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.num_processes == yaml.safe_load(path.read_text())["num_processes"]
+
+
+def test_quick_qlora_is_the_quick_profile_plus_the_qlora_one():
+    # In a YAML merge key the first mapping listed (quick) wins a key both set, where qlora's value must hold.
+    profiles = yaml.safe_load((RECIPES / "configs/smollm2-135m/sentiment.yaml").read_text())["profiles"]
+    assert profiles["quick-qlora"] == profiles["quick"] | profiles["qlora"]
