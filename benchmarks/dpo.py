@@ -1,19 +1,15 @@
-"""Benchmarks for the DPO stage; prints figures, asserts nothing.
+"""Benchmark: the DPO stage's speed and memory; prints figures, asserts nothing.
 
-speed: the DPO stage's step time with `precompute_ref_log_probs` off and on, and the peak RSS of LoRA-DPO whose
+The DPO stage's step time with `precompute_ref_log_probs` off and on, and the peak RSS of LoRA-DPO whose
 reference is a frozen adapter (what the stage does) next to the same LoRA-DPO holding a separate full reference
 model (the base with the SFT adapter merged in). Every configuration runs in its own process, for a clean peak
 RSS, on the same SFT adapter and the same preference pairs (the shipped SFT reviews, each paired with the next
 row's review).
 
-    nice -n 10 .venv/bin/python benchmarks/dpo.py speed [--model smollm2-135m-instruct] [--steps 8] [--batch 4]
+    nice -n 10 .venv/bin/python benchmarks/dpo.py [--model smollm2-135m-instruct] [--steps 8] [--batch 4]
 
-efficacy: runs the default recipe's sft -> prefs -> dpo chain (every swept beta) and samples on the held-out
-prompts from SFT and from each DPO adapter, on one base in memory. Prints the mean gold VADER reward per model,
-DPO - SFT with a paired bootstrap CI over prompts, and KL(DPO || SFT) per completion, estimated on DPO's own
-samples as the mean of sum_t [log pi_dpo(y_t) - log pi_sft(y_t)] (unbiased for the sequence-level KL).
-
-    nice -n 10 .venv/bin/python benchmarks/dpo.py efficacy [--set KEY=VALUE ...] [--samples 4]
+DPO's efficacy (gold reward over SFT per beta, with KL to SFT) is measured on the default chain:
+benchmarks/default_chain.py.
 """
 
 from __future__ import annotations
@@ -153,126 +149,19 @@ def speed(args) -> None:
           f"step time x{full['step_s'] / off['step_s']:.2f}")
 
 
-# --- efficacy ---------------------------------------------------------------------------------------
-
-def completions_and_kl(model, tokenizer, prompts: list[list[dict]], samples: int, max_new_tokens: int, seed: int,
-                       adapter: str, reference: str, batch: int = 16):
-    """Sample `samples` completions per prompt with `adapter` active; return their texts (per prompt) and the
-    per-completion log-ratio sum_t [log pi_adapter - log pi_reference] of each sampled completion."""
-    import torch
-
-    from common.generation import generate_responses, truncate_after_eos
-    from ppo.rollout import forward_logprobs
-
-    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
-               ["input_ids"] for p in prompts]
-    jobs = [i for i in range(len(prompts)) for _ in range(samples)]
-    texts: list[list[str]] = [[] for _ in prompts]
-    log_ratios: list[float] = []
-    for b, start in enumerate(range(0, len(jobs), batch)):
-        owners = jobs[start:start + batch]
-        model.set_adapter(adapter)
-        gen = generate_responses(model, tokenizer, [encoded[i] for i in owners], max_new_tokens, seed=seed + b)
-        cut = truncate_after_eos(gen.response_ids, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        ids = torch.cat([gen.query_ids, cut.ids], dim=1)
-        mask = torch.cat([gen.query_mask, cut.mask], dim=1)
-        with torch.no_grad():
-            logps = {}
-            for name in (adapter, reference):
-                model.set_adapter(name)
-                logps[name] = forward_logprobs(model, ids, mask, gen.response_start).logprobs.sum(dim=1)
-        log_ratios += (logps[adapter] - logps[reference]).tolist()
-        for owner, text in zip(owners, tokenizer.batch_decode(cut.ids, skip_special_tokens=True), strict=True):
-            texts[owner].append(text)
-    return texts, log_ratios
-
-
-def efficacy(args) -> None:
-    import numpy as np
-    from peft import PeftModel
-
-    from common.models import load_for_inference, load_tokenizer, resolve_model
-    from common.stats import bootstrap_ci
-    from recipes.runner import RunOptions, load, run_recipe
-    from recipes.stages import STAGE_KINDS
-    from reward_model.scorers import build_scorer
-
-    recipe, _ = load(args.recipe, args.overrides)
-    dpo = [name for name, st in recipe.stages.items() if st.kind == "dpo"]
-    if "preferences" not in STAGE_KINDS or not dpo:
-        sys.exit(f"efficacy needs the preferences stage and a dpo stage in {args.recipe}; not there yet")
-    needed: list[str] = []
-    for name in dpo:
-        stack = [name]
-        while stack:
-            stage = stack.pop()
-            if stage not in needed:
-                needed.append(stage)
-                stack += recipe.inputs(stage)
-    sft = recipe.stages[dpo[0]].from_
-    run_id = args.run_id or time.strftime("dpo-efficacy-%Y%m%d-%H%M%S")
-    existing = ((args.output_dir or Path(recipe.output_dir)) / recipe.name / run_id).is_dir()
-    for i, stage in enumerate(s for s in recipe.order() if s in needed):  # done stages are skipped on resume
-        run = run_recipe(args.recipe, RunOptions(overrides=args.overrides, stage=stage, run_id=run_id,
-                                                 resume=i > 0 or existing, output_dir=args.output_dir))
-
-    resolved = resolve_model(recipe.model.base)
-    tokenizer = load_tokenizer(resolved, padding_side="left")
-    model = PeftModel.from_pretrained(load_for_inference(recipe.model, resolved), run.output(sft, "adapter"),
-                                      adapter_name=sft)
-    for name in dpo:
-        model.load_adapter(run.output(name, "adapter"), adapter_name=name)
-    model.eval()
-    prompts = [[{"role": "user", "content": json.loads(line)["prompt"]}]
-               for line in (SENTIMENT / "prompts_heldout.jsonl").read_text().splitlines()]
-    scorer = build_scorer({"scorer": "vader"})
-
-    def gold(texts: list[list[str]]) -> np.ndarray:  # [prompts, samples]
-        return np.array([scorer.score([""] * len(t), t) for t in texts])
-
-    started = time.perf_counter()
-    sft_texts, _ = completions_and_kl(model, tokenizer, prompts, args.samples, args.max_new_tokens, recipe.seed,
-                                      sft, sft)
-    sft_gold = gold(sft_texts)
-    print(f"\nDPO efficacy: run {run.root}; {len(prompts)} held-out prompts x {args.samples} samples, "
-          f"max_new_tokens {args.max_new_tokens}, temperature 1; gold = VADER compound")
-    print(f"{'model':<16}{'beta':>6}{'gold mean':>11}{'DPO - SFT':>11}{'95% CI':>18}{'KL to SFT':>11}"
-          f"{'>= 0.25':>9}")
-    print(f"{sft:<16}{'':>6}{sft_gold.mean():>11.3f}")
-    for name in dpo:
-        texts, log_ratios = completions_and_kl(model, tokenizer, prompts, args.samples, args.max_new_tokens,
-                                               recipe.seed, name, sft)
-        per_prompt = gold(texts).mean(axis=1) - sft_gold.mean(axis=1)  # paired by prompt
-        low, high = bootstrap_ci(per_prompt)
-        beta = recipe.stages[name].trainer_args(recipe, f"stages.{name}", tempfile.gettempdir()).beta
-        print(f"{name:<16}{beta:>6g}{gold(texts).mean():>11.3f}{per_prompt.mean():>+11.3f}"
-              f"{f'[{low:+.3f}, {high:+.3f}]':>18}{np.mean(log_ratios):>11.3f}"
-              f"{'yes' if per_prompt.mean() >= 0.25 else 'no':>9}")
-    print(f"sampling and scoring: {time.perf_counter() - started:.0f} s")
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_speed_worker":
         recipe, root, reference, precompute = sys.argv[2:6]
         speed_worker(recipe, root, reference, precompute == "True")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sp = sub.add_parser("speed", help="step time with and without precomputed reference log-probs; peak RSS")
-    sp.add_argument("--model", default="smollm2-135m-instruct")
-    sp.add_argument("--steps", type=int, default=8)
-    sp.add_argument("--batch", type=int, default=4)
-    sp.add_argument("--pairs", type=int, default=32)
-    sp.add_argument("--workdir", help="where the temporary run goes (default: a new temporary folder)")
-    ef = sub.add_parser("efficacy", help="gold reward of DPO over SFT on held-out prompts, per beta")
-    ef.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
-    ef.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    ef.add_argument("--run-id", help="continue this run of the recipe (its done stages are reused)")
-    ef.add_argument("--output-dir", type=Path, help="where runs go (default: the recipe's output_dir, runs/)")
-    ef.add_argument("--samples", type=int, default=4, help="completions per held-out prompt")
-    ef.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=32)
+    parser.add_argument("--workdir", help="where the temporary run goes (default: a new temporary folder)")
     args = parser.parse_args()
-    speed(args) if args.command == "speed" else efficacy(args)
+    speed(args)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     one-base   one base model in memory; policy, reference and value are LoRA adapters on it and the reward model
                one more frozen adapter + head (ppo.adapters.OneBaseModel + RewardModel.attach)
-    separate   four models: the policy (base + SFT LoRA, trainable), the reference (base + SFT LoRA, frozen), the
-               value model (base + LoRA + head, trainable) and the reward model (RewardModel.load)
+    separate   four models, each with its own weights: the policy (SFT merged in, a LoRA trained on top), the
+               reference (SFT merged in), the value model (the reward model merged in, a LoRA trained on top) and
+               the reward model (merged)
 
 Both run the same PPO steps (ppo.trainer.PPOTrainer.ppo_step: generation, reward, log-probs, PPO epochs), each in its
 own subprocess, so each peak RSS (ru_maxrss: loading included) is its own. With --run, the SFT adapter and reward
@@ -12,6 +13,7 @@ model of a finished run are used (runs/sentiment/ID with sft/ and rm/ done); wit
 generating, scoring (the reward), in the rollout's forward passes (old / reference log-probs, values) and training.
 
     nice -n 10 .venv/bin/python benchmarks/ppo_memory.py [--run runs/sentiment/ID] [--steps 2] [--batch 8]
+        [--no-gradient-checkpointing]
 """
 
 from __future__ import annotations
@@ -66,17 +68,32 @@ def write_stand_ins(directory: Path) -> tuple[Path, Path]:
 
 
 class SeparateCopies:
-    """The roles as four models, with the interface PPOTrainer uses (see ppo.adapters.OneBaseModel)."""
+    """The roles as four models, each holding its own weights as separately trained models do: the SFT adapter
+    merged into the policy's and the reference's copy, the reward model's into the reward model's and the value
+    model's (initialised from the reward model), and a fresh LoRA on the two that train. (Unmerged adapters over one
+    memory-mapped base file would let the OS share the file's pages between the "copies" and hide their cost.)
+    The interface is the one PPOTrainer uses (see ppo.adapters.OneBaseModel)."""
 
-    def __init__(self, sft: Path, cfg: ModelConfig):
+    def __init__(self, sft: Path, rm: Path, cfg: ModelConfig):
         from peft import PeftModel, get_peft_model
+        from transformers import AutoTokenizer
         from trl.trainer.utils import disable_dropout_in_model
 
+        from reward_model.api import RewardModel
+
         resolved = resolve_model(cfg.base)
-        self.policy = PeftModel.from_pretrained(load_base_model(cfg, resolved), sft, is_trainable=True)
-        self.reference = PeftModel.from_pretrained(load_base_model(cfg, resolved, training=False), sft).eval()
-        value_base = load_base_model(cfg, resolved, task="seq-cls")
-        self.value = get_peft_model(value_base, lora_config(cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
+
+        def merged(adapter: Path, task: str, training: bool):
+            base = load_base_model(cfg, resolved, task=task, training=training)
+            return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+
+        self.policy = get_peft_model(merged(sft, "causal-lm", True), lora_config(cfg.lora))
+        self.reference = merged(sft, "causal-lm", False).eval()
+        self.value = get_peft_model(merged(rm, "seq-cls", True),
+                                    lora_config(cfg.lora, task_type="SEQ_CLS", modules_to_save=["score"]))
+        info = RewardModel.read_info(rm)
+        self.reward = RewardModel.from_classifier(merged(rm, "seq-cls", False).eval(),
+                                                  AutoTokenizer.from_pretrained(rm), info["chat"], info["max_length"])
         for model in (self.policy, self.reference, self.value):
             disable_dropout_in_model(model)
 
@@ -86,23 +103,24 @@ class SeparateCopies:
         return generate_responses(self.policy, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
 
     def policy_forward(self, ids, mask, start, temperature, with_entropy=False):
+        from common.generation import response_logprobs
         from ppo.adapters import PolicyOutput
-        from ppo.rollout import forward_logprobs
 
-        out = forward_logprobs(self.policy, ids, mask, start, temperature, return_entropy=with_entropy)
+        out = response_logprobs(self.policy, ids, mask, start, temperature, return_entropy=with_entropy)
         return PolicyOutput(out.logprobs, out.entropy, None)
 
     def values(self, ids, mask, start):
         classifier = self.value.get_base_model()
-        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        hidden = classifier.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        from common.generation import position_ids
+
+        hidden = classifier.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
         values = classifier.score(hidden[:, start - 1:-1]).squeeze(-1).float()
         return torch.where(mask[:, start:].bool(), values, 0.0)
 
     def reference_logprobs(self, ids, mask, start, temperature):
-        from ppo.rollout import forward_logprobs
+        from common.generation import response_logprobs
 
-        return forward_logprobs(self.reference, ids, mask, start, temperature).logprobs
+        return response_logprobs(self.reference, ids, mask, start, temperature).logprobs
 
     def trainable_parameters(self):
         return [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
@@ -134,11 +152,11 @@ def child(args: argparse.Namespace) -> dict:
     prompts = encode_prompts(records, tokenizer, str(PROMPTS))
     started = time.perf_counter()
     if args.child == "one-base":
-        model = OneBaseModel.build(cfg, resolved, args.sft, "separate", torch.device("cpu"))
+        model = OneBaseModel.build(cfg, resolved, args.sft, "separate", torch.device("cpu"), value_from=args.rm)
         reward = RewardModel.attach(model.peft, args.rm, adapter_name="reward")
     else:
-        model = SeparateCopies(args.sft, cfg)
-        reward = RewardModel.load(args.rm, cfg)
+        model = SeparateCopies(args.sft, args.rm, cfg)
+        reward = model.reward
     build_s = time.perf_counter() - started
     rss_built = psutil.Process().memory_info().rss
     ppo_args = PPOArgs(rollout_batch_size=args.batch, minibatch_size=args.batch // 2, max_steps=args.steps,

@@ -106,3 +106,33 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged(tmp_path, value_m
         value_model == "separate")
     for name, grad in grads[False].items():
         torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_scores_are_penalised_normalised_and_clipped_by_hand(tmp_path):
+    model = OneBaseModel.build(MODEL, resolve_model(MODEL.base), None, "shared", DEVICE)
+    trainer = make_trainer(model, tmp_path, missing_eos_penalty=1.0, normalize_scores=True, score_clip=1.0)
+    scores, has_eos = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([True, True, False, True])
+    # The third has no EOS: 3 - 1 = 2. Then [1, 2, 2, 6] has mean 2.75 and unbiased std sqrt(14.75 / 3) = 2.21736,
+    # so (x - 2.75) / 2.21736 = [-0.78922, -0.33824, -0.33824, 1.46570]; clipping to [-1, 1] caps the last.
+    shaped = trainer.shape_scores(scores.to(DEVICE), has_eos.to(DEVICE))
+    torch.testing.assert_close(shaped.cpu(), torch.tensor([-0.78922, -0.33824, -0.33824, 1.0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("term, expect_gradient", [({}, False), ({"kl_in_reward": False}, True),
+                                                   ({"entropy_coef": 0.1}, True)])
+def test_kl_in_the_loss_and_the_entropy_bonus_move_the_policy_without_any_advantage(tmp_path, term, expect_gradient):
+    torch.manual_seed(0)
+    model = OneBaseModel.build(MODEL, resolve_model(MODEL.base), None, "shared", DEVICE)
+    with torch.no_grad():  # a policy away from its reference (the base), so that the KL term has a gradient
+        for name, param in model.peft.named_parameters():
+            if "lora_B.policy" in name:
+                param.normal_(std=0.1)
+    trainer = make_trainer(model, tmp_path, kl_estimator="k3", **term)
+    rollout, _, _ = trainer.rollout(trainer.prompts[:4], step=1)
+    rollout.advantages = torch.zeros_like(rollout.logprobs)  # no policy-gradient signal ...
+    rollout.returns = rollout.values.clone()  # ... and no value error
+    model.train()
+    assert trainer.backward(rollout.micro_batch(torch.arange(4)), beta=0.5) is not None
+    grads = [p.grad for n, p in model.peft.named_parameters() if "lora_" in n and p.grad is not None]
+    moved = any(g.abs().max() > 0 for g in grads)
+    assert moved == expect_gradient
