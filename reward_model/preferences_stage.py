@@ -55,7 +55,9 @@ the higher gold score: 1 - the flip rate under the gold labeller), `labels/group
 every sample: the policy's quality), `rewards/gold_chosen`, `rewards/gold_rejected` (means over pairs), and with a
 judge `labels/judge_undecided`.
 
-Under a multi-process launch every process samples the same seeded completions and only the main one writes.
+Under a multi-process launch the processes share the sampling (each a share of the batches, the same completions as
+one process; `reward_model.sampling`), then the main process alone scores, labels and writes while the others wait at
+the runner's barrier: a judge or an API scorer is asked once, and only the main process writes.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 
 from common.config import Recipe, StageConfig
@@ -180,9 +183,12 @@ def train(cfg: PreferencesStage, ctx: StageContext) -> StageResult:
     upstream = ctx.run.stage_dir(cfg.data.stage) if cfg.data.stage else None
     splits = load_splits(spec, recipe, SHAPE[cfg.source], f"{where}.data", upstream)
     if cfg.source == "policy":
-        sides, metrics = sample_pairs(cfg, ctx, splits, scorer)
+        sampled = sample_pairs(cfg, ctx, splits, scorer)
     else:
-        sides, metrics = dataset_pairs(splits, scorer)
+        sampled = dataset_pairs(splits, scorer) if ctx.is_main else None
+    if sampled is None:  # not the main process: it has sampled its share; the main process labels and writes
+        return StageResult()
+    sides, metrics = sampled
     if cfg.labeller.kind == "judge":
         sides, metrics["labels/judge_undecided"] = judge_order(cfg.labeller.judge, recipe, sides, where)
         if not any(sides):
@@ -254,18 +260,25 @@ def load_policy(recipe: Recipe, ctx: StageContext, from_: str | None):
 
 
 def sample_pairs(cfg: PreferencesStage, ctx: StageContext, splits: Splits,
-                 scorer: Scorer) -> tuple[list[list[dict]], dict[str, float]]:
-    """Sample, score and pair (ordered by gold, no noise yet); also writes samples.jsonl."""
+                 scorer: Scorer) -> tuple[list[list[dict]], dict[str, float]] | None:
+    """Sample, score and pair (ordered by gold, no noise yet); also writes samples.jsonl. Every process of a launch
+    samples its share of the completions; all but the main one then return None."""
     recipe = ctx.recipe
     prompts = [as_messages(p, "user") for p in splits.train["prompt"]]
     n_train = len(prompts)
     if splits.test is not None:
         prompts += [as_messages(p, "user") for p in splits.test["prompt"]]
     model, tokenizer = load_policy(recipe, ctx, cfg.from_)
+    state = PartialState()
+    if recipe.model.quantization == "none":  # this process's GPU (bitsandbytes layers were placed when they loaded)
+        model = model.to(state.device)
     samples = sample_completions(model, tokenizer, prompts, cfg.samples_per_prompt,
                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, batch_size=cfg.batch_size, seed=recipe.seed)
+                                 top_p=cfg.top_p, batch_size=cfg.batch_size, seed=recipe.seed,
+                                 shard=(state.process_index, state.num_processes))
     del model
+    if not ctx.is_main:
+        return None
 
     started = time.perf_counter()
     texts = [last_content(p) for p in prompts]
