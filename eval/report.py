@@ -106,8 +106,8 @@ def lookup(entry: dict, path: tuple[str, ...]):
         if "mean" in node:
             return node
         if "accuracy" in node:  # the MC harness's accuracy block: a normal-approximation 95% interval
-            se = node.get("stderr") or 0.0
-            return {"mean": node["accuracy"], "ci": [node["accuracy"] - 1.96 * se, node["accuracy"] + 1.96 * se]}
+            acc, se = node["accuracy"], node.get("stderr") or 0.0
+            return {"mean": acc, "ci": [max(0.0, acc - 1.96 * se), min(1.0, acc + 1.96 * se)]}  # an accuracy
         if "predicted_share" in node:  # the MC letter histogram: the letter picked most and its share
             letter, share = max(node["predicted_share"].items(), key=lambda kv: kv[1])
             return {"mean": share, "ci": None, "label": f"{letter}: "}

@@ -271,38 +271,55 @@ def score_rows(model, rows: Sequence[Row], n_questions: int, batch_size: int = 8
     return [[s[c] for c in range(len(s))] for s in scores]
 
 
+def plan_group(rows: Sequence[Row], batch_size: int, reuse_prefix: bool = True) -> tuple[int, list[list[Row]]]:
+    """How `score_rows` runs one group: the length of the shared prefix it encodes once (0: none) and its
+    batches. Exposed so that a benchmark can time the bare model over exactly these batches."""
+    n_prefix = 0
+    if reuse_prefix and len(rows) > 1:
+        # The shared prefix must end before the first scored position, whose hidden state the suffix pass computes.
+        n_prefix = min(common_prefix_len([r.tokens for r in rows]), min(r.start for r in rows))
+    # Longest first (as lm-eval does): similar lengths share a batch, and an out-of-memory shows up at once.
+    order = sorted(rows, key=lambda r: -len(r.tokens))
+    return n_prefix, [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
+def batch_inputs(batch: Sequence[Row], n_prefix: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """A batch's token ids after the shared prefix (right-padded with 0) and the (row, position) pairs whose
+    logits are read: every row's scored positions, row after row."""
+    width = max(len(r.tokens) for r in batch) - n_prefix
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    b_idx: list[int] = []
+    s_idx: list[int] = []
+    for b, row in enumerate(batch):
+        suffix = row.tokens[n_prefix:]
+        ids[b, :len(suffix)] = torch.tensor(suffix)
+        positions = range(row.start - n_prefix, len(row.tokens) - n_prefix)
+        b_idx += [b] * len(positions)
+        s_idx += positions
+    return ids, b_idx, s_idx
+
+
 def _score_group(reader: LogitReader, rows: list[Row], scores, batch_size: int, reuse_prefix: bool,
                  stats: ScoreStats, bar) -> None:
-    # The shared prefix must end before the first scored position, whose hidden state the suffix pass computes.
-    n_prefix = min(common_prefix_len([r.tokens for r in rows]), min(r.start for r in rows)) if reuse_prefix else 0
+    n_prefix, batches = plan_group(rows, batch_size, reuse_prefix)
     prefix = None
-    if n_prefix > 0 and len(rows) > 1:
+    if n_prefix > 0:
         prefix = reader.prefix_cache(rows[0].tokens[:n_prefix])
         stats.forward_passes += 1
         stats.tokens += n_prefix
         if not _reusable(prefix):
             prefix, n_prefix = None, 0
-    else:
-        n_prefix = 0
-    # Longest first (as lm-eval does): similar lengths share a batch, and an out-of-memory shows up at once.
-    order = sorted(rows, key=lambda r: -len(r.tokens))
     device = reader.device
-    for lo in range(0, len(order), batch_size):
-        batch = order[lo:lo + batch_size]
-        width = max(len(r.tokens) for r in batch) - n_prefix
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        b_idx, s_idx, tgt_pos, tgt_tok, tgt_row, last_pos, last_tok, last_row = [], [], [], [], [], [], [], []
+    for batch in batches:
+        ids, b_idx, s_idx = batch_inputs(batch, n_prefix)
+        # Where each row's scored log-probs sit among the rows read (row after row, as batch_inputs lists them).
+        tgt_pos, tgt_tok, tgt_row, last_pos, last_tok, last_row = [], [], [], [], [], []
         n = 0
         for b, row in enumerate(batch):
-            suffix = row.tokens[n_prefix:]
-            ids[b, :len(suffix)] = torch.tensor(suffix)
-            positions = range(row.start - n_prefix, len(row.tokens) - n_prefix)
-            b_idx += [b] * len(positions)
-            s_idx += list(positions)
             tgt_pos += range(n, n + len(row.targets))
             tgt_tok += row.targets
             tgt_row += [b] * len(row.targets)
-            n += len(positions)
+            n += len(row.tokens) - row.start
             last_pos += [n - 1] * len(row.last)
             last_tok += row.last
             last_row += [b] * len(row.last)
@@ -324,7 +341,7 @@ def _score_group(reader: LogitReader, rows: list[Row], scores, batch_size: int, 
                 k += 1
         stats.forward_passes += 1
         stats.tokens += sum(len(r.tokens) - n_prefix for r in batch)
-        stats.padded_tokens += len(batch) * width
+        stats.padded_tokens += ids.numel()
         stats.prefix_tokens_reused += n_prefix * len(batch)
         if bar is not None:
             bar.update(len(batch))
