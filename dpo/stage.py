@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass
 
 import datasets
+import trl.trainer.utils
 from trl import DPOConfig, DPOTrainer
 
 from common.config import Recipe, StageConfig
@@ -95,6 +96,19 @@ def check_dpo_options(args: DPOConfig, where: str) -> None:
                          "reference as an adapter; remove it")
 
 
+def score_completion_positions_only() -> None:
+    """Make trl's fused LM head project only the completion positions on every device, as it does on CUDA.
+
+    trl 1.16 (utils.add_fused_lm_head) projects only the positions whose label is not -100 when `_use_triton(device)`
+    is true, and every position otherwise, so that tile shapes stay fixed for compilers such as Neuron's. On CPU that
+    runs the LM head, its softmax statistics and their backward over the prompt positions too, whose log-probs are
+    then zeroed: about half of a DPO step on the default task (prompts are longer than the reviews). The log-probs,
+    the loss and every logged metric are the same either way (tests/stages/test_dpo.py); DPO steps take half the
+    time. The choice of kernel is `trl.kernels.chunked_logprob._use_triton`, a separate name, left alone.
+    """
+    trl.trainer.utils._use_triton = lambda device: True
+
+
 def preference_pairs(ds: datasets.Dataset) -> datasets.Dataset:
     """The three columns DPO trains on; provenance columns (scores, ids) stay in the data files."""
     return ds.select_columns(["prompt", "chosen", "rejected"])
@@ -103,6 +117,7 @@ def preference_pairs(ds: datasets.Dataset) -> datasets.Dataset:
 def build_trainer(cfg: DPOStage, ctx: StageContext, callbacks: list | None = None) -> DPOTrainer:
     recipe = ctx.recipe
     where = f"stages.{ctx.name}"
+    score_completion_positions_only()
     resolved = resolve_model(recipe.model.base)
     tokenizer = load_tokenizer(resolved)
     splits = load_splits(cfg.data, recipe, "preference", f"{where}.data",

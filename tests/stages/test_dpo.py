@@ -92,6 +92,34 @@ def test_learns_held_out_preference_while_reference_adapter_and_base_stay_bit_id
     assert all(not torch.equal(params[k], v) for k, v in policy_b.items()), "the policy adapter learnt"
 
 
+def test_lm_head_scores_only_completion_positions_with_the_log_probs_of_scoring_all(recipe_file, tmp_path,
+                                                                                   monkeypatch):
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton as trl_choice  # False on CPU: every position
+
+    path = write_recipe(tmp_path, dpo_recipe(recipe_file, tmp_path, preference_rows(16, chat=True)))
+    run = run_recipe(path, RunOptions(overrides=[], stage="sft", output_dir=tmp_path / "runs"))
+    trainer = build_trainer(run.recipe.stages["dpo"], StageContext(run, "dpo"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: projected.append(hidden.shape[0]) or apply(hidden, *rest))
+
+    def log_probs():
+        with torch.no_grad():
+            return trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=labels, fused_lm_head=True).log_probs
+
+    compact = log_probs()
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_choice)
+    full = log_probs()
+    assert projected == [int((labels[:, 1:] != -100).sum()), labels[:, 1:].numel()]
+    assert projected[0] < projected[1] / 2, "the prompt positions are most of a pair's tokens here"
+    torch.testing.assert_close(compact, full, rtol=0, atol=1e-6)
+
+
 def test_beta_sweep_runs_one_stage_per_value_with_reloadable_adapters_and_trl_metric_names(recipe_file, tmp_path):
     recipe = dpo_recipe(recipe_file, tmp_path, preference_rows(64, chat=True), sweep={"beta": [0.1, 0.5]})
     del recipe["stages"]["dpo"]["args"]["beta"]
