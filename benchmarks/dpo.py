@@ -85,8 +85,9 @@ def full_copy_trainer(cfg, ctx, callbacks):
 
     from common.data import load_splits
     from common.models import load_for_inference, load_tokenizer, load_trainable_model, resolve_model
-    from dpo.stage import preference_pairs
+    from dpo.stage import preference_pairs, score_completion_positions_only
 
+    score_completion_positions_only()  # as build_trainer does, so that only the reference differs
     recipe = ctx.recipe
     resolved = resolve_model(recipe.model.base)
     adapter = ctx.input_path(cfg.from_, "adapter")

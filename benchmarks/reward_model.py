@@ -19,7 +19,7 @@ targets >= 0.85 without noise and > 0.80 with noise 0.25), with trl's eval/accur
 
     nice -n 10 .venv/bin/python benchmarks/reward_model.py [--train-prompts 40] [--test-prompts 20] [--k 4]
         [--max-new-tokens 40] [--strategy best_vs_worst] [--min-gap 0] [--rm-steps 10] [--lr 1e-3] [--noise 0.25]
-        [--sft-steps 0] [--output-dir /tmp/rm-bench]
+        [--sft-steps 0] [--output-dir /tmp/rm-bench] [--resume RUN_ID]
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=0, help="0: sample from the base model")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output-dir", type=Path, default=Path("/tmp/rm-bench"))
+    parser.add_argument("--resume", metavar="RUN_ID",
+                        help="continue run RUN_ID of --output-dir: stages whose settings did not change (SFT, the "
+                             "labels) are kept, e.g. to retrain the reward models with another --rm-steps")
     args = parser.parse_args()
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,8 @@ def main() -> None:
     recipe_path = args.output_dir / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(build_recipe(args, heldout), sort_keys=False))
     started = time.time()
-    run = run_recipe(recipe_path, RunOptions(overrides=[], output_dir=args.output_dir / "runs"))
+    run = run_recipe(recipe_path, RunOptions(overrides=[], output_dir=args.output_dir / "runs",
+                                             resume=args.resume is not None, run_id=args.resume))
     total = time.time() - started
 
     def done(stage: str) -> dict:
