@@ -150,6 +150,7 @@ def child(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(resolved)
     records = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
     prompts = encode_prompts(records, tokenizer, str(PROMPTS))
+    rss_libraries = psutil.Process().memory_info().rss  # torch, transformers, peft, trl, ...: the same in both
     started = time.perf_counter()
     if args.child == "one-base":
         model = OneBaseModel.build(cfg, resolved, args.sft, "separate", torch.device("cpu"), value_from=args.rm)
@@ -166,7 +167,7 @@ def child(args: argparse.Namespace) -> dict:
                              Tracker(Path(out), is_main=False), Path(out), seed=0)
         steps = [trainer.ppo_step(step) for step in range(1, args.steps + 1)]
     return {"design": args.child, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_build_mb": rss_built / 2**20, "build_s": build_s,
+            "rss_libraries_mb": rss_libraries / 2**20, "rss_after_build_mb": rss_built / 2**20, "build_s": build_s,
             **{k: sum(s[k] for s in steps[1:] or steps) / len(steps[1:] or steps) for k in TIMES},
             "objective/scores": steps[-1]["objective/scores"]}
 
@@ -215,6 +216,9 @@ def main() -> None:
               + " ".join(f"{r[k]:>{w}.2f}" for k, w in zip(TIMES, (6, 8, 6, 8), strict=True)))
     one, separate = results
     print(f"one-base peak RSS = {one['peak_rss_mb'] / separate['peak_rss_mb']:.0%} of separate copies")
+    above = [r["peak_rss_mb"] - r["rss_libraries_mb"] for r in (one, separate)]
+    print(f"above the {one['rss_libraries_mb']:.0f} MB of imported libraries (models and training state only): "
+          f"{above[0]:.0f} vs {above[1]:.0f} MB = {above[0] / above[1]:.0%}")
     total = sum(one[k] for k in TIMES)
     print("one-base step time split: " + ", ".join(f"{k.split('/')[1]} {one[k] / total:.0%}" for k in TIMES) +
           f" (of {total:.1f} s a step, after the first)")
