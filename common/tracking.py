@@ -98,6 +98,13 @@ class MetricsCallback(TrainerCallback):
         self.perplexity = perplexity
         self.last: dict[str, float] = {}
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Resumed from a checkpoint, the state holds what was logged before it: a run killed after its last
+        # checkpoint resumes with no step left to train and would otherwise end without its final training metrics.
+        for logs in state.log_history:
+            self.last.update({lab_name(k): v for k, v in logs.items()
+                              if k != "step" and isinstance(v, (int, float))})
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return

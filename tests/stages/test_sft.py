@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
@@ -57,6 +58,23 @@ def test_loss_falls_on_a_memorisable_set_and_adapter_reloads(recipe_file, tmp_pa
         base_loss = base(input_ids=ids, labels=labels).loss
         tuned_loss = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids, labels=labels).loss
     assert tuned_loss < base_loss - 1.0, "the reloaded adapter has learnt the answer"
+
+
+def test_resumed_at_its_last_checkpoint_a_stage_keeps_its_final_training_metrics(recipe_file, tmp_path):
+    # What a kill between the last checkpoint and done.json leaves: every step done, the stage not marked done.
+    # 5 steps of 4 rows are one epoch of the 20 training rows: resumed, transformers trains nothing more.
+    options = RunOptions(overrides=["stages.sft.args.max_steps=5", "stages.sft.args.save_strategy=steps",
+                                    "stages.sft.args.save_steps=5"],
+                         output_dir=tmp_path / "runs", run_id="r")
+    run = run_recipe(recipe_file(), options)
+    done = run.stage_dir("sft") / "done.json"
+    finished = json.loads(done.read_text())["metrics"]
+    assert (run.stage_dir("sft") / "checkpoints" / "checkpoint-5").is_dir() and "loss/train" in finished
+    done.unlink()
+
+    run_recipe(recipe_file(), dataclasses.replace(options, resume=True))
+    resumed = json.loads(done.read_text())["metrics"]
+    assert {k: resumed[k] for k in ("loss/train", "loss/eval")} == {k: finished[k] for k in ("loss/train", "loss/eval")}
 
 
 def test_qlora_4bit_runs_on_cpu(recipe_file, tmp_path):
