@@ -163,7 +163,9 @@ class OneBaseModel:
         return self._head(hidden[:, start - 1:-1], mask[:, start:])
 
     def _head(self, hidden: Tensor, response_mask: Tensor) -> Tensor:
-        values = self.value_head(hidden.to(torch.float32)).squeeze(-1)
+        # float32 under a bf16 autocast too: values and returns are regressed to each other, bf16 would round both.
+        with torch.autocast(hidden.device.type, enabled=False):
+            values = self.value_head(hidden.to(torch.float32)).squeeze(-1)
         return torch.where(response_mask.bool(), values, torch.zeros_like(values))
 
     def reference_logprobs(self, ids: Tensor, mask: Tensor, start: int, temperature: float) -> Tensor:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from common.config import autocasts_bf16
 from common.data import load_splits
 from common.errors import InputError
 from common.models import load_tokenizer, resolve_model
@@ -68,7 +69,9 @@ def build_reward(cfg: PPOStage, ctx: StageContext, model: OneBaseModel) -> Rewar
 
 def train(cfg: PPOStage, ctx: StageContext) -> StageResult:
     recipe, where = ctx.recipe, f"stages.{ctx.name}"
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # None, not "no": an earlier stage's trainer in this process may have set the shared state (bf16 weights).
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if autocasts_bf16(recipe.model) else None)
     resolved = resolve_model(recipe.model.base)
     tokenizer = load_tokenizer(resolved)
     splits = load_splits(cfg.data, recipe, "prompt", f"{where}.data",

@@ -248,8 +248,11 @@ class PPOTrainer:
         args, model, tok = self.args, self.model, self.tokenizer
         model.eval()
         t0 = time.perf_counter()
-        gen = model.generate(tok, [p.ids for p in batch], args.max_new_tokens, args.temperature,
-                             seed=step_seed(self.seed, step, self.accelerator.process_index, SAMPLING))
+        # Every forward pass of the rollout under the update's autocast: the tokens are drawn from the distribution
+        # whose log-probs the update recomputes (the first PPO epoch starts at ratio 1).
+        with self.accelerator.autocast():
+            gen = model.generate(tok, [p.ids for p in batch], args.max_new_tokens, args.temperature,
+                                 seed=step_seed(self.seed, step, self.accelerator.process_index, SAMPLING))
         response = truncate_after_eos(gen.response_ids, tok.eos_token_id, tok.pad_token_id)
         t1 = time.perf_counter()
         completions = tok.batch_decode(response.ids, skip_special_tokens=True)
@@ -261,7 +264,7 @@ class PPOTrainer:
         attention = torch.cat([gen.query_mask, response.mask], dim=1)
         parts: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
         start, width = gen.response_start, response.ids.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             for rows in torch.arange(len(batch)).split(args.micro_batch_size):
                 columns, response_columns, micro_start = trim_padding(ids[rows], attention[rows], start)
                 micro_ids, micro_attention = ids[rows][:, columns], attention[rows][:, columns]
@@ -328,7 +331,9 @@ class PPOTrainer:
         recomputes layers during the backward pass with the adapter active at that time (see ppo.adapters).
         """
         args, model, mask = self.args, self.model, mb.mask
-        out = model.policy_forward(mb.ids, mb.attention, mb.start, args.temperature, with_entropy=args.entropy_coef > 0)
+        with self.accelerator.autocast():
+            out = model.policy_forward(mb.ids, mb.attention, mb.start, args.temperature,
+                                       with_entropy=args.entropy_coef > 0)
         pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, args.clip_range)
         loss = pg_loss
         if args.entropy_coef > 0:
@@ -341,7 +346,8 @@ class PPOTrainer:
             if not self._backward(loss):
                 return None
             loss = torch.zeros((), device=loss.device)
-            values = model.values(mb.ids, mb.attention, mb.start)
+            with self.accelerator.autocast():
+                values = model.values(mb.ids, mb.attention, mb.start)
         vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, args.clip_range_value)
         if not self._backward(loss + args.vf_coef * vf_loss):
             return None

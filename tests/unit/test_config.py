@@ -148,3 +148,28 @@ def test_resolved_yaml_round_trips(recipe_file):
     recipe, _ = load(write(recipe_file), [])
     dumped = yaml.safe_load(yaml.safe_dump(to_dict(recipe)))
     assert dumped["model"]["lora"]["r"] == 4 and "from" in to_dict(recipe.stages["sft"])
+
+
+@pytest.mark.parametrize("setting, capabilities, expected", [
+    ("none", {"amx_bf16": True, "avx512_bf16": True}, False),
+    ("bf16", {}, True),  # asked for: on, even where it is emulated
+    ("auto", {"amx_bf16": True}, True),
+    ("auto", {"avx512_bf16": True}, True),
+    ("auto", {"avx512_f": True, "avx2": True}, False),  # no bf16 matmuls in hardware: slower than float32
+])
+def test_mixed_precision_turns_on_bf16_autocast_in_trainer_args(recipe_file, monkeypatch, tmp_path, setting,
+                                                                 capabilities, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    recipe, _ = load(write(recipe_file, model__mixed_precision=setting), [])
+    args = recipe.stages["sft"].trainer_args(recipe, "stages.sft", tmp_path)
+    assert (args.bf16, args.use_cpu) == (expected, expected)
+    assert recipe.model.dtype == "auto"  # the weights' dtype is not changed by it
+
+
+def test_mixed_precision_no_is_refused_with_the_choices(recipe_file):
+    # YAML reads a bare `no` as false: the choices say `none`.
+    msg = error_of(write(recipe_file, model__mixed_precision=False))
+    assert "model.mixed_precision" in msg and "'none'" in msg and "'auto'" in msg
