@@ -60,10 +60,10 @@ class ModelConfig:
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Dtype = "auto"
-    # bf16 autocast in the training passes (sft, reward_model, dpo and ppo's forward/backward), over weights, adapters
-    # and optimizer state kept in `dtype`. `auto`: on where bf16 matmuls are native (a CUDA GPU with bf16, a CPU with
-    # AMX or AVX512-BF16), off elsewhere, where emulated bf16 is slower than float32. Sampling and evaluation stay in
-    # `dtype`.
+    # bf16 autocast in the training passes (sft, reward_model, dpo, and ppo's whole rollout and update), over weights,
+    # adapters and optimizer state kept in `dtype`. `auto`: on where bf16 matmuls are native (a CUDA GPU with bf16, a
+    # CPU with AMX or AVX512-BF16), off elsewhere, where emulated bf16 is slower than float32. The preferences stage's
+    # sampling and the eval stage stay in `dtype`.
     mixed_precision: Literal["none", "bf16", "auto"] = "none"
     gradient_checkpointing: bool = False
 
