@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from common.allocator import return_freed_memory_to_os
 from common.config import autocasts_bf16
 from common.data import load_splits
 from common.errors import InputError
@@ -69,6 +70,8 @@ def build_reward(cfg: PPOStage, ctx: StageContext, model: OneBaseModel) -> Rewar
 
 def train(cfg: PPOStage, ctx: StageContext) -> StageResult:
     recipe, where = ctx.recipe, f"stages.{ctx.name}"
+    if cfg.args.release_freed_memory:
+        return_freed_memory_to_os()
     # None, not "no": an earlier stage's trainer in this process may have set the shared state (bf16 weights).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision="bf16" if autocasts_bf16(recipe.model) else None)

@@ -147,3 +147,14 @@ def test_reward_model_stage_scores_responses_and_initialises_the_value(tmp_path)
     trained = load_file(stage / "value" / "adapter_model.safetensors")
     assert trained.keys() == rm_weights.keys()
     assert any(not torch.equal(trained[k], rm_weights[k]) for k in trained if "lora_B" in k)
+
+
+@pytest.mark.parametrize("release", [True, False])
+def test_release_freed_memory_sets_the_allocator_before_training(tmp_path, monkeypatch, release):
+    # The setting itself is tested in tests/unit/test_allocator.py, in a subprocess: here it would stay set for the
+    # rest of the test session.
+    calls = []
+    monkeypatch.setattr("ppo.stage.return_freed_memory_to_os", lambda: calls.append("set") or True)
+    recipe = ppo_recipe(tmp_path, {"max_steps": 1, "release_freed_memory": release})
+    run_recipe(write_recipe(tmp_path, recipe), RunOptions(overrides=[], output_dir=tmp_path / "runs"))
+    assert calls == (["set"] if release else [])
