@@ -7,10 +7,13 @@
                the reward model (merged)
 
 Both run the same PPO steps (ppo.trainer.PPOTrainer.ppo_step: generation, reward, log-probs, PPO epochs), each in its
-own subprocess, so each peak RSS (ru_maxrss: loading included) is its own. With --run, the SFT adapter and reward
-model of a finished run are used (runs/sentiment/ID with sft/ and rm/ done); without it, stand-ins of the same shapes
-(random LoRA weights) are written to a temporary folder. Prints a table and the fractions of step time spent
-generating, scoring (the reward), in the rollout's forward passes (old / reference log-probs, values) and training.
+own subprocess, so each peak RSS (ru_maxrss: loading included) is its own. Each design runs twice: with glibc's
+default (dynamic) mmap threshold, under which freed activations stay resident (a few hundred MB, in both designs),
+and with the threshold fixed (PPO's `release_freed_memory: true`, common/allocator.py), under which the peak RSS
+follows the memory in use. With --run, the SFT adapter and reward model of a finished run are used
+(runs/sentiment/ID with sft/ and rm/ done); without it, stand-ins of the same shapes (random LoRA weights) are
+written to a temporary folder. Prints a table and the fractions of step time spent generating, scoring (the reward),
+in the rollout's forward passes (old / reference log-probs, values) and training.
 
     nice -n 10 .venv/bin/python benchmarks/ppo_memory.py [--run runs/sentiment/ID] [--steps 2] [--batch 8]
         [--no-gradient-checkpointing]
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import resource
 import subprocess
@@ -33,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from common.allocator import return_freed_memory_to_os  # noqa: E402
 from common.config import LoraSpec, ModelConfig  # noqa: E402
 from common.models import load_base_model, load_tokenizer, lora_config, resolve_model  # noqa: E402
 
@@ -85,7 +90,12 @@ class SeparateCopies:
 
         def merged(adapter: Path, task: str, training: bool):
             base = load_base_model(cfg, resolved, task=task, training=training)
-            return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+            model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+            # Weights the merge left alone (embeddings, norms) would still be the shared pages of the one model file
+            # every copy was loaded from: give each copy its own, as separately saved models have.
+            for param in model.parameters():
+                param.data = param.data.clone()
+            return model
 
         self.policy = get_peft_model(merged(sft, "causal-lm", True), lora_config(cfg.lora))
         self.reference = merged(sft, "causal-lm", False).eval()
@@ -150,6 +160,8 @@ def child(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(resolved)
     records = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
     prompts = encode_prompts(records, tokenizer, str(PROMPTS))
+    if args.allocator == "fixed":
+        return_freed_memory_to_os()
     rss_libraries = psutil.Process().memory_info().rss  # torch, transformers, peft, trl, ...: the same in both
     started = time.perf_counter()
     if args.child == "one-base":
@@ -166,7 +178,8 @@ def child(args: argparse.Namespace) -> dict:
         trainer = PPOTrainer(ppo_args, model, tokenizer, prompts, reward.score, Accelerator(cpu=True),
                              Tracker(Path(out), is_main=False), Path(out), seed=0)
         steps = [trainer.ppo_step(step) for step in range(1, args.steps + 1)]
-    return {"design": args.child, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    design = args.child if args.allocator == "fixed" else f"{args.child} (glibc default)"
+    return {"design": design, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_libraries_mb": rss_libraries / 2**20, "rss_after_build_mb": rss_built / 2**20, "build_s": build_s,
             **{k: sum(s[k] for s in steps[1:] or steps) / len(steps[1:] or steps) for k in TIMES},
             "objective/scores": steps[-1]["objective/scores"]}
@@ -182,6 +195,7 @@ def main() -> None:
                         help="recompute activations in the backward pass (both designs); without it, activations "
                              "of the PPO update, the same in both designs, dominate the peak")
     parser.add_argument("--child", choices=["one-base", "separate"], help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=["fixed", "default"], default="fixed", help=argparse.SUPPRESS)
     parser.add_argument("--sft", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rm", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -195,11 +209,12 @@ def main() -> None:
         else:
             sft, rm = write_stand_ins(Path(tmp))
         results = []
-        for design in ("one-base", "separate"):
-            cmd = [sys.executable, __file__, "--child", design, "--sft", str(sft), "--rm", str(rm),
-                   "--steps", str(args.steps), "--batch", str(args.batch), "--max-new-tokens", str(args.max_new_tokens),
+        for allocator, design in itertools.product(("default", "fixed"), ("one-base", "separate")):
+            cmd = [sys.executable, __file__, "--child", design, "--allocator", allocator, "--sft", str(sft),
+                   "--rm", str(rm), "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--max-new-tokens", str(args.max_new_tokens),
                    "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
-            print(f"running {design} ...", file=sys.stderr, flush=True)
+            print(f"running {design} (glibc mmap threshold {allocator}) ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             if proc.returncode:
                 sys.exit(f"{design} failed:\n{proc.stderr[-3000:]}")
@@ -209,16 +224,20 @@ def main() -> None:
           f"{args.max_new_tokens} new tokens, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"CPU, {torch.get_num_threads()} threads; "
           f"{'run ' + str(args.run) if args.run else 'stand-in SFT adapter and reward model'}")
-    print(f"{'design':<10} {'peak RSS MB':>12} {'RSS built MB':>13} {'build s':>8} "
+    print(f"{'design':<28} {'peak RSS MB':>12} {'RSS built MB':>13} {'build s':>8} "
           f"{'gen s':>6} {'score s':>8} {'fwd s':>6} {'train s':>8}")
     for r in results:
-        print(f"{r['design']:<10} {r['peak_rss_mb']:>12.0f} {r['rss_after_build_mb']:>13.0f} {r['build_s']:>8.1f} "
+        print(f"{r['design']:<28} {r['peak_rss_mb']:>12.0f} {r['rss_after_build_mb']:>13.0f} {r['build_s']:>8.1f} "
               + " ".join(f"{r[k]:>{w}.2f}" for k, w in zip(TIMES, (6, 8, 6, 8), strict=True)))
-    one, separate = results
-    print(f"one-base peak RSS = {one['peak_rss_mb'] / separate['peak_rss_mb']:.0%} of separate copies")
-    above = [r["peak_rss_mb"] - r["rss_libraries_mb"] for r in (one, separate)]
-    print(f"above the {one['rss_libraries_mb']:.0f} MB of imported libraries (models and training state only): "
-          f"{above[0]:.0f} vs {above[1]:.0f} MB = {above[0] / above[1]:.0%}")
+    for allocator, (one, separate) in (("default", results[:2]), ("fixed", results[2:])):
+        above = [r["peak_rss_mb"] - r["rss_libraries_mb"] for r in (one, separate)]
+        print(f"glibc mmap threshold {allocator}: one-base peak RSS = "
+              f"{one['peak_rss_mb'] / separate['peak_rss_mb']:.0%} of separate copies; above the "
+              f"{one['rss_libraries_mb']:.0f} MB of imported libraries: {above[0]:.0f} vs {above[1]:.0f} MB = "
+              f"{above[0] / above[1]:.0%}")
+    one, fixed = results[0], results[2]
+    print(f"one-base with the threshold fixed: peak RSS x{fixed['peak_rss_mb'] / one['peak_rss_mb']:.2f}, "
+          f"step time x{sum(fixed[k] for k in TIMES) / sum(one[k] for k in TIMES):.2f}")
     total = sum(one[k] for k in TIMES)
     print("one-base step time split: " + ", ".join(f"{k.split('/')[1]} {one[k] / total:.0%}" for k in TIMES) +
           f" (of {total:.1f} s a step, after the first)")
