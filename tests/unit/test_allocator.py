@@ -9,9 +9,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Free a 16 MiB tensor (glibc then raises its mmap threshold to 16 MiB), then allocate 80 MiB in 4 MiB tensors, each
-# followed by a small one that stays (as a step's small tensors do, so the heap cannot shrink from the top), free the
-# big ones and print how many MiB stay resident.
+# Free a 16 MiB tensor (glibc then raises its mmap threshold to 16 MiB), then allocate 20 tensors of 4 MiB, each
+# followed by one of 1 MiB that stays (as a step's longer-lived tensors do: the heap cannot shrink past them), free
+# the 4 MiB ones and print how many MiB more than the kept tensors stay resident.
 PROBE = """
 import sys
 import psutil, torch
@@ -25,9 +25,9 @@ before = rss()
 blocks, kept = [], []
 for _ in range(20):
     blocks.append(torch.ones(4 * 2**20 // 4))
-    kept.append(torch.ones(256))
+    kept.append(torch.ones(2**20 // 4))
 del blocks
-print(rss() - before)
+print(rss() - before - 20)
 """
 
 
