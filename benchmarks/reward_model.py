@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from recipes.runner import RunOptions, run_recipe  # noqa: E402
+from reward_model.agreement import GAP_THIRDS  # noqa: E402
 
 DATA = ROOT / "recipes" / "data" / "sentiment"
 DEFAULT_RECIPE = ROOT / "recipes" / "configs" / "smollm2-135m" / "sentiment.yaml"
@@ -116,6 +117,8 @@ def main() -> None:
         print(f"  reward model, {name}: held-out accuracy vs gold {m['eval/gold_accuracy']:.3f} (target {target}); "
               f"vs stored labels {m['eval/accuracy']:.3f}; margin {m['eval/margin']:+.3f}; "
               f"{record['seconds']:.0f} s ({args.rm_steps} steps x {args.rm_batch_size} pairs)")
+        print("    vs gold by thirds of the held-out pairs ranked by VADER gap: " + ", ".join(
+            f"{third} gaps {m[f'eval/gold_accuracy_{third}_gaps']:.3f}" for third in GAP_THIRDS))
     print(f"  wall time: {total:.0f} s")
 
 

@@ -27,7 +27,8 @@ longer than `args.max_length` (default 1024); the count is logged.
 Metrics (trl's, under lab names): `loss/train`, `train/accuracy`, `train/margin`, `train/mean_reward`, ...; held out,
 after training: `loss/eval`, `eval/accuracy` (share of test pairs with r_c > r_r, against the test labels, which
 carry the label noise), `eval/margin` (mean r_c - r_r) and, when the pairs carry gold scores, `eval/gold_accuracy`:
-agreement with the gold scorer's (noise-free) order, gold ties left out.
+agreement with the gold scorer's (noise-free) order, gold ties left out, and the same within each third of the
+test pairs by gold-score gap (`eval/gold_accuracy_small_gaps`, `_middle_gaps`, `_large_gaps`).
 
 Output (key `reward_model`): `reward_model/` with the PEFT adapter (task SEQ_CLS; the head saved with it, so
 `PeftModel.from_pretrained` on a sequence-classification base reloads it whole), the tokenizer,
@@ -56,7 +57,7 @@ from common.errors import InputError
 from common.models import ResolvedModel, load_base_model, load_tokenizer, lora_config, resolve_model
 from common.runs import StageContext, StageResult, atomic_write_json, train_and_evaluate
 from common.tracking import MetricsCallback, Tracker
-from reward_model.agreement import gold_agreement
+from reward_model.agreement import gold_agreement, gold_agreement_by_gap
 from reward_model.api import HEAD, HEAD_FILE, INFO_FILE, RewardModel
 from reward_model.preferences_stage import check_policy_source
 
@@ -136,13 +137,17 @@ def is_chat(ds: datasets.Dataset) -> bool:
     return isinstance(ds[0]["chosen"], list)
 
 
-def gold_accuracy(rm: RewardModel, pairs: datasets.Dataset) -> float:
-    """Agreement of the reward model's order with the gold scores' (noise-free labels), gold ties left out."""
+def gold_accuracy(rm: RewardModel, pairs: datasets.Dataset) -> dict[str, float]:
+    """Agreement of the reward model's order with the gold scores' (noise-free labels), gold ties left out: over all
+    pairs (`eval/gold_accuracy`) and within each third of them by gold-score gap (`eval/gold_accuracy_small_gaps`,
+    `_middle_gaps`, `_large_gaps`)."""
     chosen = rm.score(pairs["prompt"], pairs["chosen"])
     rejected = rm.score(pairs["prompt"], pairs["rejected"])
     gold = torch.tensor(pairs["score_chosen"], dtype=torch.float64) - torch.tensor(pairs["score_rejected"],
                                                                                    dtype=torch.float64)
-    return gold_agreement(chosen - rejected, gold)
+    by_gap = gold_agreement_by_gap(chosen - rejected, gold)
+    return {"eval/gold_accuracy": gold_agreement(chosen - rejected, gold),
+            **{f"eval/gold_accuracy_{third}_gaps": acc for third, acc in by_gap.items()}}
 
 
 def build_trainer(cfg: RewardModelStage, ctx: StageContext,
@@ -197,7 +202,7 @@ def train(cfg: RewardModelStage, ctx: StageContext) -> StageResult:
     final = {}
     if splits.test is not None and all(c in splits.test.column_names for c in SCORES):
         rm = RewardModel.from_classifier(trainer.model.eval(), tokenizer, chat, trainer.args.max_length)
-        final["eval/gold_accuracy"] = gold_accuracy(rm, splits.test)
+        final.update(gold_accuracy(rm, splits.test))
         tracker.log(final, trainer.state.global_step)
     tracker.close()
     final.update({k: metrics_cb.last[k] for k in FINAL_METRICS if k in metrics_cb.last})

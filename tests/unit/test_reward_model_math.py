@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 
-from reward_model.agreement import gold_agreement
+from reward_model.agreement import gold_agreement, gold_agreement_by_gap
 from reward_model.api import keep_last, last_token_index
 from reward_model.preferences_stage import flip_label, label_stats
 from reward_model.stage import gold_gap_margins, with_margin
@@ -24,6 +24,19 @@ def test_gold_agreement_leaves_gold_ties_out_and_counts_predicted_ties_as_wrong(
     assert math.isnan(gold_agreement([1.0, -1.0], [0.0, 0.0]))
     with pytest.raises(ValueError, match="2 predicted gaps but 3 gold gaps"):
         gold_agreement([1.0, 1.0], [1.0, 1.0, 1.0])
+
+
+def test_gold_agreement_by_gap_splits_the_pairs_into_thirds_by_absolute_gold_gap():
+    # Listed out of order; ranked by |gold gap|: 0.1 (wrong), 0.2 (wrong) | 0.3 (right), 0.4 (wrong) | 0.5, 0.6
+    # (right). The gold tie (0.0) is left out before the split, so the thirds hold two pairs each.
+    predicted = [1.0, 1.0, -1.0, 7.0, 1.0, 1.0, 2.0]
+    gold = [0.6, -0.4, 0.1, 0.0, 0.3, -0.2, 0.5]
+    assert gold_agreement_by_gap(predicted, gold) == {"small": 0.0, "middle": 0.5, "large": 1.0}
+    # Seven strict pairs: the thirds hold 3, 2 and 2 (the smallest gaps take the extra pair).
+    assert gold_agreement_by_gap([-1, 1, 1, 1, -1, 1, 1], [1, 2, 3, 4, 5, 6, 7]) == pytest.approx(
+        {"small": 2 / 3, "middle": 0.5, "large": 1.0}, abs=1e-12)
+    # Two strict pairs leave the large third empty.
+    assert math.isnan(gold_agreement_by_gap([1.0, 1.0], [1.0, 2.0])["large"])
 
 
 def test_gold_gap_margin_is_the_absolute_gap_so_a_flip_keeps_its_margin():
