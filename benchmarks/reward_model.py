@@ -7,7 +7,8 @@ One recipe run (the default recipe's model block, LoRA r=16), four stages:
                 the worst review of each prompt make a pair (or, --strategy all_pairs, every two reviews whose
                 scores differ by at least --min-gap); no label noise.
   labels_noisy  the same pairs with each label flipped with probability --noise (0.25): source: dataset.
-  rm            a reward model trained on `labels`;   rm_noisy: the same, trained on `labels_noisy`.
+  rm            a reward model trained on `labels` (--margin gold_gap: each pair's VADER gap as its Bradley-Terry
+                margin);   rm_noisy: the same, trained on `labels_noisy`.
 
 The policy is the base model unless --sft-steps > 0 (then a short SFT on the default SFT set comes first, the
 reviews are sampled from it and the reward models start from its adapter). The instruct model's reviews already
@@ -56,8 +57,9 @@ def build_recipe(args: argparse.Namespace, heldout: Path) -> dict:
                    "batch_size": args.batch_size, "strategy": args.strategy, "min_gap": args.min_gap, "noise": 0.0},
         "labels_noisy": {"kind": "preferences", "source": "dataset", "data": {"stage": "labels"},
                          "noise": args.noise},
-        "rm": {"kind": "reward_model", **policy, "data": {"stage": "labels"}, "args": rm_args},
-        "rm_noisy": {"kind": "reward_model", **policy, "data": {"stage": "labels_noisy"}, "args": rm_args},
+        "rm": {"kind": "reward_model", **policy, "data": {"stage": "labels"}, "margin": args.margin, "args": rm_args},
+        "rm_noisy": {"kind": "reward_model", **policy, "data": {"stage": "labels_noisy"}, "margin": args.margin,
+                     "args": rm_args},
     }
     if args.sft_steps:
         stages = {"sft": {"kind": "sft", "data": {"path": str(DATA / "sft.jsonl"), "test_size": 0},
@@ -78,6 +80,8 @@ def main() -> None:
     parser.add_argument("--rm-steps", type=int, default=10)
     parser.add_argument("--rm-batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--margin", choices=["none", "gold_gap"], default="none",
+                        help="gold_gap: each pair's VADER gap is its Bradley-Terry margin (the stage's margin key)")
     parser.add_argument("--noise", type=float, default=0.25)
     parser.add_argument("--sft-steps", type=int, default=0, help="0: sample from the base model")
     parser.add_argument("--seed", type=int, default=42)
@@ -116,7 +120,7 @@ def main() -> None:
         m = record["metrics"]
         print(f"  reward model, {name}: held-out accuracy vs gold {m['eval/gold_accuracy']:.3f} (target {target}); "
               f"vs stored labels {m['eval/accuracy']:.3f}; margin {m['eval/margin']:+.3f}; "
-              f"{record['seconds']:.0f} s ({args.rm_steps} steps x {args.rm_batch_size} pairs)")
+              f"{record['seconds']:.0f} s ({args.rm_steps} steps x {args.rm_batch_size} pairs, margin {args.margin})")
         print("    vs gold by thirds of the held-out pairs ranked by VADER gap: " + ", ".join(
             f"{third} gaps {m[f'eval/gold_accuracy_{third}_gaps']:.3f}" for third in GAP_THIRDS))
     print(f"  wall time: {total:.0f} s")
