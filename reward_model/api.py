@@ -184,22 +184,29 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: Sequence[str | Messages], completions: Sequence[str | Messages],
               batch_size: int = 16) -> Tensor:
-        """Rewards of the pairs (prompts[i], completions[i]): a float32 tensor [N] on the CPU."""
+        """Rewards of the pairs (prompts[i], completions[i]): a float32 tensor [N] on the CPU.
+
+        Each distinct input is scored once (all-pairs preference sets repeat every completion in several pairs),
+        in batches of similar length (less padding)."""
         if len(prompts) != len(completions):
             raise ValueError(f"RewardModel.score: {len(prompts)} prompts but {len(completions)} completions")
-        encoded = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        encoded = [tuple(self.encode(p, c)) for p, c in zip(prompts, completions, strict=True)]
+        distinct = sorted(set(encoded), key=len)
         too_long = sum(self.max_length is not None and len(ids) > self.max_length for ids in encoded)
         if too_long:
             log.warning("reward model: %d of %d inputs are longer than max_length %d; scoring their last %d tokens",
                         too_long, len(encoded), self.max_length, self.max_length)
         out = []
-        for start in range(0, len(encoded), batch_size):
-            rows = [torch.tensor(keep_last(ids, self.max_length)) for ids in encoded[start:start + batch_size]]
+        for start in range(0, len(distinct), batch_size):
+            rows = [torch.tensor(keep_last(list(ids), self.max_length)) for ids in distinct[start:start + batch_size]]
             # Right-padded, as trl's DataCollatorForPreference batched them in training.
             ids = pad_sequence(rows, batch_first=True, padding_value=self.tokenizer.pad_token_id)
             mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0)
             out.append(self.score_ids(ids, mask))
-        return torch.cat(out) if out else torch.zeros(0)
+        if not out:
+            return torch.zeros(0)
+        row_of = {ids: i for i, ids in enumerate(distinct)}
+        return torch.cat(out)[[row_of[ids] for ids in encoded]]
 
     @torch.no_grad()
     def score_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

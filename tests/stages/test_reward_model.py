@@ -189,3 +189,18 @@ def test_bad_input_exits_2_with_one_line_and_no_run_dir(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("alignlab: error: ") and CASES[case] in err[0], err
     assert not runs.exists(), "nothing is written before the input is valid"
+
+
+def test_score_runs_each_distinct_input_once_and_returns_scores_in_input_order(trained):
+    rm = RewardModel.load(trained.stage_dir("rm") / "reward_model", trained.recipe.model)
+    rows = marker_pairs(3, seed=2, chat=False)
+    prompts = [r["prompt"] for r in rows]
+    completions = [r["chosen"] for r in rows]
+    once = rm.score(prompts, completions)
+    forward, batch_rows = rm._forward, []
+    rm._forward = lambda ids, mask, pos: batch_rows.append(len(ids)) or forward(ids, mask, pos)
+    # All-pairs sets repeat each completion in several pairs: here every input three times, out of order.
+    order = [2, 0, 1, 0, 2, 1, 1, 2, 0]
+    repeated = rm.score([prompts[i] for i in order], [completions[i] for i in order], batch_size=2)
+    assert sum(batch_rows) == 3
+    assert torch.allclose(repeated, once[order], atol=1e-5)
