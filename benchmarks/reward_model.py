@@ -19,8 +19,8 @@ gold (VADER) order of the held-out pairs (eval/gold_accuracy: noise in the train
 targets >= 0.85 without noise and > 0.80 with noise 0.25), with trl's eval/accuracy against the stored labels.
 
     nice -n 10 .venv/bin/python benchmarks/reward_model.py [--train-prompts 40] [--test-prompts 20] [--k 4]
-        [--max-new-tokens 40] [--strategy best_vs_worst] [--min-gap 0] [--rm-steps 10] [--lr 1e-3] [--noise 0.25]
-        [--sft-steps 0] [--output-dir /tmp/rm-bench] [--resume RUN_ID]
+        [--max-new-tokens 40] [--temperature 1.0] [--strategy best_vs_worst] [--min-gap 0] [--rm-steps 10]
+        [--lr 1e-3] [--noise 0.25] [--sft-steps 0] [--output-dir /tmp/rm-bench] [--resume RUN_ID]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def build_recipe(args: argparse.Namespace, heldout: Path) -> dict:
         "labels": {"kind": "preferences", **policy, "scorer": "vader",
                    "data": {"path": str(DATA / "prompts_train.jsonl"), "limit": args.train_prompts,
                             "test_path": str(heldout)},
-                   "samples_per_prompt": args.k, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
+                   "samples_per_prompt": args.k, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                    "batch_size": args.batch_size, "strategy": args.strategy, "min_gap": args.min_gap, "noise": 0.0},
         "labels_noisy": {"kind": "preferences", "source": "dataset", "data": {"stage": "labels"},
                          "noise": args.noise},
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--test-prompts", type=int, default=20)
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     parser.add_argument("--strategy", choices=["best_vs_worst", "all_pairs"], default="best_vs_worst")
     parser.add_argument("--min-gap", type=float, default=0.0, help="smallest VADER gap that makes a pair")
@@ -110,7 +111,7 @@ def main() -> None:
     policy = f"SFT ({args.sft_steps} steps)" if args.sft_steps else "base model"
     print(f"\nreward-model benchmark: SmolLM2-135M-Instruct, policy = {policy}, run {run.root}")
     print(f"  labelling: {args.train_prompts} + {args.test_prompts} prompts x K={args.k}, max_new_tokens "
-          f"{args.max_new_tokens}: {lm['perf/completions_per_s']:.2f} completions/s "
+          f"{args.max_new_tokens}, temperature {args.temperature}: {lm['perf/completions_per_s']:.2f} completions/s "
           f"({lm['time/sampling']:.0f} s sampling), mean VADER {lm['rewards/gold_mean']:+.3f}")
     print(f"  pairs ({args.strategy}, min_gap {args.min_gap}): {lm['labels/train_pairs']:.0f} train / "
           f"{lm['labels/test_pairs']:.0f} held out (chosen "
