@@ -107,10 +107,10 @@ class SeparateCopies:
         for model in (self.policy, self.reference, self.value):
             disable_dropout_in_model(model)
 
-    def generate(self, tokenizer, prompts, max_new_tokens, temperature, seed):
-        from common.generation import generate_responses
+    def sample(self, tokenizer, prompts, params):
+        from common.sampling import Sampler
 
-        return generate_responses(self.policy, tokenizer, prompts, max_new_tokens, temperature, seed=seed)
+        return Sampler(self.policy, tokenizer, progress=False).sample(prompts, params)
 
     def policy_forward(self, ids, mask, start, temperature, with_entropy=False):
         from common.generation import response_logprobs
@@ -151,15 +151,14 @@ def child(args: argparse.Namespace) -> dict:
     from common.tracking import Tracker
     from ppo.adapters import OneBaseModel
     from ppo.config import PPOArgs
-    from ppo.stage import encode_prompts
-    from ppo.trainer import PPOTrainer
+    from ppo.trainer import PPOTrainer, rollout_prompts
     from reward_model.api import RewardModel
 
     cfg = dataclasses.replace(MODEL, gradient_checkpointing=args.gradient_checkpointing)
     resolved = resolve_model(cfg.base)
     tokenizer = load_tokenizer(resolved)
     records = [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines()]
-    prompts = encode_prompts(records, tokenizer, str(PROMPTS))
+    prompts = rollout_prompts(tokenizer, records, str(PROMPTS))
     if args.allocator == "fixed":
         return_freed_memory_to_os()
     rss_libraries = psutil.Process().memory_info().rss  # torch, transformers, peft, trl, ...: the same in both

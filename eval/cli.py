@@ -98,7 +98,8 @@ def _prompt_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="tokens a sampling batch may hold: rows x (prompt + max new tokens); default: the sampler's")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for every model)")
 
 
@@ -190,8 +191,8 @@ def generation_plan(args: argparse.Namespace, scorer=None, reward_model=None, re
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
-    settings = SamplingSettings(args.samples_per_prompt, args.max_new_tokens, args.temperature, args.batch_size,
-                                args.seed)
+    settings = SamplingSettings(args.samples_per_prompt, args.max_new_tokens, args.temperature,
+                                args.token_budget or SamplingSettings.token_budget, args.seed)
     check_sampling(settings, lambda key: "--" + key.replace("_", "-"))
     recipe = Recipe(name="cli", seed=args.seed)
     spec = DataSpec(path=str(args.prompts.resolve()), fields={"prompt": args.prompt_field}, limit=args.limit)

@@ -42,24 +42,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import PartialState
 
 from common.config import DataSpec, ModelConfig, Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
 from common.runs import StageContext, StageResult, atomic_write_text
+from common.sampling import DEFAULT_TOKEN_BUDGET, Prompt, Samples, encode_prompts, scorer_text, shard_of
 from common.schema import to_dict, unknown_key_error
 from common.tracking import Tracker
-from eval.generation import (
-    ModelSamples,
-    Prompt,
-    SamplingSettings,
-    encode_prompts,
-    kl_to_reference,
-    prompt_text,
-    sample_model,
-    sample_rows,
-    summarize,
-)
+from eval.generation import SamplingSettings, kl_to_reference, sample_model, sample_rows, summarize
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +93,7 @@ class GenerationBlock:
     samples_per_prompt: int = 4
     max_new_tokens: int = 64
     temperature: float = 1.0
-    batch_size: int = 16
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # a sampling batch's rows x (prompt + max_new_tokens)
     scorer: Any = None               # a gold scorer spec (reward_model.scorers), e.g. vader
     reward_model: str | None = None  # a reward_model stage
     reference: str | None = None     # a model name (base or a stage) for KL(model || reference)
@@ -214,7 +206,7 @@ def load_prompts(spec: DataSpec, recipe: Recipe, where: str, stage_dir: Path | N
 
 def check_sampling(settings: SamplingSettings, label: Callable[[str], str]) -> None:
     """`label(key)` names a setting in messages: its recipe key or its command-line flag."""
-    for key in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+    for key in ("samples_per_prompt", "max_new_tokens", "token_budget"):
         if getattr(settings, key) < 1:
             raise InputError(f"{label(key)} must be >= 1, got {getattr(settings, key)}")
     if settings.temperature <= 0:
@@ -227,8 +219,8 @@ def generation_plan(block: GenerationBlock, recipe: Recipe, where: str,
     """Check the generation block; with a run context (at run time) also locate the reward model's directory."""
     from reward_model.scorers import build_scorer
 
-    settings = SamplingSettings(block.samples_per_prompt, block.max_new_tokens, block.temperature, block.batch_size,
-                                recipe.seed)
+    settings = SamplingSettings(block.samples_per_prompt, block.max_new_tokens, block.temperature,
+                                block.token_budget, recipe.seed)
     check_sampling(settings, lambda key: f"recipe: {where}.{key}")
     if block.prompts.stage and ctx is None:
         prompts = []  # that stage writes them when it runs
@@ -330,7 +322,8 @@ def stage_model_source(name: str, model: ModelConfig, stage_dir: Path, outputs: 
 
 
 def eval_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: its own GPU under a launch of several processes, else the GPU or the CPU."""
+    return PartialState().device
 
 
 class ModelPool:
@@ -412,23 +405,29 @@ class ModelResult:
 
 
 def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan | None = None,
-                    mc: MCPlan | None = None, judge: JudgePlan | None = None) -> dict[str, ModelResult]:
+                    mc: MCPlan | None = None, judge: JudgePlan | None = None,
+                    shard: tuple[int, int] = (0, 1)) -> dict[str, ModelResult]:
     """Run the suites over `names` (all in `pool`, as is the reference). Each model is made active once for its
     samples and MC questions; then the reference once for every model's KL; then the models are freed before the
-    reward model and the judge load."""
+    reward model and the judge load.
+
+    Under a launch of several processes (`shard=(index, count)`, every process calls) the sampling and the KL passes
+    are split between the processes, which exchange what they computed; the main process (index 0) then answers
+    the MC questions, scores, judges and returns the results, the others return empty entries."""
     from eval.mc import evaluate_mc
 
+    main = shard[0] == 0
     results = {name: ModelResult(pool.sources[name].description or name) for name in names}
-    samples: dict[str, ModelSamples] = {}
+    samples: dict[str, Samples] = {}
     vocabularies: dict[str, dict] = {}
     for i, name in enumerate(names, 1):
         log.info("model %d/%d: %s", i, len(names), name)
         with pool.use(name) as (model, tokenizer):
             if gen is not None:
                 encoded = encode_prompts(tokenizer, gen.prompts, name)
-                samples[name] = sample_model(model, tokenizer, encoded, gen.settings, desc=f"sampling {name}")
+                samples[name] = sample_model(model, tokenizer, encoded, gen.settings, f"sampling {name}", shard)
                 vocabularies[name] = tokenizer.get_vocab()
-            if mc is not None:
+            if mc is not None and main:
                 results[name].mc = evaluate_mc(model, tokenizer, mc.questions, mc.dev, shots=mc.shots, mode=mc.mode,
                                                chat_template=mc.chat_template, batch_size=mc.batch_size)
     if gen is None:
@@ -442,15 +441,20 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
                 if vocabularies[name] != ref_tokenizer.get_vocab():
                     raise InputError(f"KL({name} || {gen.reference}) compares log-probs of the same tokens, but "
                                      "the two tokenizers differ; choose a reference on the same base model")
+                if name == gen.reference:  # 0 by construction; recomputed it would be float rounding
+                    kl[name] = [0.0] * len(samples[name].completions)
+                    continue
                 log.info("KL(%s || %s)", name, gen.reference)
-                kl[name] = kl_to_reference(reference, samples[name], gen.settings.temperature)
+                kl[name] = kl_to_reference(reference, ref_tokenizer.pad_token_id, samples[name], gen.settings, shard)
     pool.close()
+    if not main:
+        return results  # the main process scores, judges and writes what every process sampled
 
-    texts = [prompt_text(p) for p in gen.prompts]
+    texts = [scorer_text(p) for p in gen.prompts]
     n = gen.settings.samples_per_prompt
     flat_prompts = [p for p in gen.prompts for _ in range(n)]
     flat_texts = [t for t in texts for _ in range(n)]
-    gold = {name: gen.scorer.score(flat_texts, samples[name].completions) if gen.scorer else None for name in names}
+    gold = {name: gen.scorer.score(flat_texts, samples[name].texts) if gen.scorer else None for name in names}
     rm: dict[str, list[float] | None] = dict.fromkeys(names)
     if gen.reward_model is not None:
         from reward_model.api import RewardModel
@@ -459,7 +463,7 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
         # A reward model trained on text pairs reads a chat prompt as its text.
         rm_prompts = flat_prompts if reward_model.chat else flat_texts
         for name in names:
-            rm[name] = reward_model.score(rm_prompts, samples[name].completions).tolist()
+            rm[name] = reward_model.score(rm_prompts, samples[name].texts).tolist()
         del reward_model
         gc.collect()
     for name in names:
@@ -490,7 +494,7 @@ def judge_samples(config: Any, rows_a: Sequence[dict], rows_b: Sequence[dict], v
     for row in rows_a:
         other = by_key.get(key(row))
         if other is not None:
-            pairs.append(Pair(prompt_text(row["prompt"]), row["completion"], other["completion"],
+            pairs.append(Pair(scorer_text(row["prompt"]), row["completion"], other["completion"],
                               gold_a=(row.get("scores") or {}).get("gold"),
                               gold_b=(other.get("scores") or {}).get("gold")))
     if not pairs:
@@ -566,8 +570,6 @@ def done_outputs(ctx: StageContext, stage: str) -> dict[str, str]:
 def train(cfg: EvalStage, ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     where = f"stages.{ctx.name}"
-    if not ctx.is_main:
-        return StageResult()  # the main process evaluates; the others wait for it at the runner's barrier
     names = cfg.model_names(recipe, where)
     gen = generation_plan(cfg.generation, recipe, f"{where}.generation", ctx) if cfg.generation else None
     mc = mc_plan(cfg.mc, recipe, f"{where}.mc") if cfg.mc else None
@@ -578,7 +580,9 @@ def train(cfg: EvalStage, ctx: StageContext) -> StageResult:
                stage_model_source(name, recipe.model, ctx.run.stage_dir(name), done_outputs(ctx, name))
                for name in wanted]
     started = time.perf_counter()
-    results = evaluate_models(ModelPool(sources), names, gen, mc, judge)
+    results = evaluate_models(ModelPool(sources), names, gen, mc, judge, shard_of(PartialState()))
+    if not ctx.is_main:
+        return StageResult()  # it sampled its share; the main process scores, judges and writes
     metrics = flat_metrics(results) | {"time/eval": time.perf_counter() - started}
     write_results(ctx.dir, results, to_dict(cfg) | {"models": names, "seed": recipe.seed})
     tracker = Tracker(ctx.dir, recipe.report_to, f"{recipe.name}/{ctx.name}", ctx.is_main, to_dict(cfg))

@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from trl.trainer.utils import disable_dropout_in_model
 
 from common.config import ModelConfig
-from common.generation import Generation, generate_responses, position_ids, response_logprobs
+from common.generation import position_ids, response_logprobs
 from common.models import ResolvedModel, load_base_model, lora_config
+from common.sampling import Sampler, Samples, SamplingParams
 from reward_model.api import HEAD_FILE as REWARD_HEAD_FILE
 from reward_model.api import RewardModel
 
@@ -124,12 +125,10 @@ class OneBaseModel:
         finally:
             self._activate(POLICY)  # leaving the context re-enabled the adapters and reset their flags
 
-    def generate(self, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 seed: int) -> Generation:
-        """Sample one response per prompt from the policy (KV cache; softmax(logits / T), no top-k / top-p)."""
+    def sample(self, tokenizer: Any, prompts: list[list[int]], params: SamplingParams) -> Samples:
+        """Sample from the policy with the one sampler (`common.sampling`: its adapter folded in for the call)."""
         self._activate(POLICY)
-        return generate_responses(self.peft, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, seed=seed)
+        return Sampler(self.peft, tokenizer, progress=False).sample(prompts, params)
 
     def policy_forward(self, ids: Tensor, mask: Tensor, start: int, temperature: float,
                        with_entropy: bool = False) -> PolicyOutput:

@@ -9,7 +9,6 @@ loss/..., val/..., kl/coef, time/..., perf/tokens_per_s), `samples.jsonl` (compl
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -17,41 +16,16 @@ from accelerate import Accelerator
 from common.allocator import return_freed_memory_to_os
 from common.config import autocasts_bf16
 from common.data import load_splits
-from common.errors import InputError
 from common.models import load_tokenizer, resolve_model
 from common.runs import StageContext, StageResult
+from common.sampling import scorer_text
 from common.schema import to_dict
 from common.tracking import Tracker
 from ppo.adapters import POLICY, REWARD, OneBaseModel
 from ppo.config import PPOStage
-from ppo.trainer import PPOTrainer, Prompt, RewardFn
+from ppo.trainer import PPOTrainer, RewardFn, rollout_prompts
 
 log = logging.getLogger(__name__)
-
-
-def encode_prompts(records: list[Any], tokenizer: Any, source: str) -> list[Prompt]:
-    """Chat-template each prompt (a text is one user message) and add the assistant turn's opening, which is where
-    generation starts; a tokenizer without a chat template takes text prompts as they are."""
-    prompts = []
-    for row, prompt in enumerate(records, 1):
-        if tokenizer.chat_template is None:
-            if not isinstance(prompt, str):
-                raise InputError(f"{source}: row {row} is a chat prompt but the model's tokenizer has no chat template;"
-                                 " give text prompts or use a chat model")
-            ids = tokenizer(prompt)["input_ids"]
-        else:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"]
-        prompts.append(Prompt(prompt=prompt, ids=list(ids)))
-    return prompts
-
-
-def prompt_text(prompt: Any) -> str:
-    """What a gold scorer sees as the prompt: the text, or the last user message of a chat prompt."""
-    if isinstance(prompt, str):
-        return prompt
-    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), prompt[-1]["content"])
 
 
 def build_reward(cfg: PPOStage, ctx: StageContext, model: OneBaseModel) -> RewardFn:
@@ -61,7 +35,7 @@ def build_reward(cfg: PPOStage, ctx: StageContext, model: OneBaseModel) -> Rewar
         from reward_model.scorers import build_scorer
 
         scorer = build_scorer(cfg.reward, f"stages.{ctx.name}.reward", str(ctx.recipe.source))
-        return lambda prompts, completions: scorer.score([prompt_text(p) for p in prompts], completions)
+        return lambda prompts, completions: scorer.score([scorer_text(p) for p in prompts], completions)
     from reward_model.api import RewardModel
 
     reward_model = RewardModel.attach(model.peft, ctx.input_path(cfg.reward_stage, "reward_model"), REWARD)
@@ -79,7 +53,7 @@ def train(cfg: PPOStage, ctx: StageContext) -> StageResult:
     tokenizer = load_tokenizer(resolved)
     splits = load_splits(cfg.data, recipe, "prompt", f"{where}.data",
                          ctx.run.stage_dir(cfg.data.stage) if cfg.data.stage else None)
-    prompts = encode_prompts(splits.train["prompt"], tokenizer, splits.source)
+    prompts = rollout_prompts(tokenizer, list(splits.train["prompt"]), splits.source)
     init_adapter = ctx.input_path(cfg.from_, "adapter") if cfg.from_ else None
     value_from = ctx.input_path(cfg.reward_stage, "reward_model") if cfg.args.value_init == "reward" else None
     model = OneBaseModel.build(recipe.model, resolved, init_adapter, cfg.args.value_model, accelerator.device,

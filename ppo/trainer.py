@@ -39,8 +39,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from common.generation import truncate_after_eos
 from common.runs import atomic_write_text
+from common.sampling import SamplingParams, encode_prompts
 from common.tracking import Tracker
 from ppo.adapters import OneBaseModel
 from ppo.advantages import gae, masked_mean, per_token_rewards
@@ -65,6 +65,12 @@ class TrainingStopped(RuntimeError):
 class Prompt:
     prompt: Any  # as in the data: text or chat messages (what the reward function sees)
     ids: list[int]  # chat-templated, ready for generation
+
+
+def rollout_prompts(tokenizer: Any, records: Sequence[Any], source: str) -> list[Prompt]:
+    """The prompts of a rollout: each record with its model input (`common.sampling.encode_prompts`)."""
+    encoded = encode_prompts(tokenizer, records, source)
+    return [Prompt(record, ids) for record, ids in zip(records, encoded, strict=True)]
 
 
 # --- pure helpers (tested on their own) ----------------------------------------------------------------------------
@@ -251,19 +257,19 @@ class PPOTrainer:
         # Every forward pass of the rollout under the update's autocast: the tokens are drawn from the distribution
         # whose log-probs the update recomputes (the first PPO epoch starts at ratio 1).
         with self.accelerator.autocast():
-            gen = model.generate(tok, [p.ids for p in batch], args.max_new_tokens, args.temperature,
-                                 seed=step_seed(self.seed, step, self.accelerator.process_index, SAMPLING))
-        response = truncate_after_eos(gen.response_ids, tok.eos_token_id, tok.pad_token_id)
+            params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    seed=step_seed(self.seed, step, self.accelerator.process_index, SAMPLING))
+            samples = model.sample(tok, [p.ids for p in batch], params)
+        response = samples.padded(range(len(batch)), tok.pad_token_id, self.device)
         t1 = time.perf_counter()
-        completions = tok.batch_decode(response.ids, skip_special_tokens=True)
+        completions = samples.texts
         scores = self.reward_fn([p.prompt for p in batch], completions)
         scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device)
         t2 = time.perf_counter()
 
-        ids = torch.cat([gen.query_ids, response.ids], dim=1)
-        attention = torch.cat([gen.query_mask, response.mask], dim=1)
+        ids, attention = response.ids, response.attention_mask
         parts: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
-        start, width = gen.response_start, response.ids.shape[1]
+        start, width = response.response_start, response.response_ids.shape[1]
         with torch.no_grad(), self.accelerator.autocast():
             for rows in torch.arange(len(batch)).split(args.micro_batch_size):
                 columns, response_columns, micro_start = trim_padding(ids[rows], attention[rows], start)

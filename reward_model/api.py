@@ -47,7 +47,7 @@ from common.config import ModelConfig
 from common.errors import InputError
 from common.generation import position_ids
 from common.models import load_base_model, resolve_model
-from reward_model.sampling import Messages, as_messages
+from common.sampling import Messages, as_messages
 
 log = logging.getLogger(__name__)
 

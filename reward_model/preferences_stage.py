@@ -11,14 +11,14 @@ prefs:
   samples_per_prompt: 4         # K
   max_new_tokens: 48
   temperature: 1.0              # top_k: 0, top_p: 1.0 (off) as well
-  batch_size: 16                # sequences per generate call
+  token_budget: 32768           # tokens a sampling batch may hold: rows x (prompt + max_new_tokens)
   strategy: best_vs_worst       # or all_pairs; pairs need a gold gap >= min_gap (and > 0)
   min_gap: 0.0
   noise: 0.1                    # each label flipped with this probability, seeded by the recipe seed
 ```
 
 `source: policy`: every prompt (text, read as one user message, or chat messages) gets K completions sampled with
-the policy's chat template (`reward_model.sampling`), each scored by the gold scorer, and pairs are formed by score
+the policy's chat template (`common.sampling`), each scored by the gold scorer, and pairs are formed by score
 (`reward_model.pairs.form_pairs`: identical or blank completions and gold ties never make a pair), ordered by gold.
 `source: dataset`: the pairs of `data` (a local file, a hub dataset or another stage; chat, text or Anthropic-HH
 records, normalised by `common.data`) keep their labels; with a `scorer` both completions are scored, so that
@@ -56,7 +56,7 @@ every sample: the policy's quality), `rewards/gold_chosen`, `rewards/gold_reject
 judge `labels/judge_undecided`.
 
 Under a multi-process launch the processes share the sampling (each a share of the batches, the same completions as
-one process; `reward_model.sampling`), then the main process alone scores, labels and writes while the others wait at
+one process; `common.sampling`), then the main process alone scores, labels and writes while the others wait at
 the runner's barrier: a judge or an API scorer is asked once, and only the main process writes.
 """
 
@@ -80,12 +80,21 @@ from common.data import Splits, load_splits
 from common.errors import InputError
 from common.models import load_for_inference, load_tokenizer, resolve_model
 from common.runs import StageContext, StageResult, atomic_write_text
+from common.sampling import (
+    DEFAULT_TOKEN_BUDGET,
+    Sampler,
+    SamplingParams,
+    as_messages,
+    completion_text,
+    encode_prompts,
+    scorer_text,
+    shard_of,
+)
 from common.schema import to_dict
 from common.tracking import Tracker
 from eval.judge import build_judge, build_templates, judge_config_from_dict, judge_label_pairs, open_cache
 from reward_model.agreement import gold_agreement
 from reward_model.pairs import check_pair_options, flip_mask, form_pairs, split_train_test
-from reward_model.sampling import as_messages, last_content, sample_completions
 from reward_model.scorers import Scorer, build_scorer
 
 log = logging.getLogger(__name__)
@@ -111,7 +120,7 @@ class PreferencesStage(StageConfig):
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    batch_size: int = 16
+    token_budget: int = DEFAULT_TOKEN_BUDGET
     strategy: Literal["best_vs_worst", "all_pairs"] = "best_vs_worst"
     min_gap: float = 0.0
     noise: float = 0.0
@@ -155,7 +164,7 @@ class PreferencesStage(StageConfig):
                              "give a local model directory (relative paths are relative to the recipe)")
 
     def _check_sampling(self, where: str) -> None:
-        for key, minimum in (("samples_per_prompt", 2), ("max_new_tokens", 1), ("batch_size", 1)):
+        for key, minimum in (("samples_per_prompt", 2), ("max_new_tokens", 1), ("token_budget", 1)):
             if getattr(self, key) < minimum:
                 raise InputError(f"recipe: {where}.{key} must be >= {minimum}, got {getattr(self, key)}")
         if not self.temperature > 0:
@@ -272,22 +281,22 @@ def sample_pairs(cfg: PreferencesStage, ctx: StageContext, splits: Splits,
     state = PartialState()
     if recipe.model.quantization == "none":  # this process's GPU (bitsandbytes layers were placed when they loaded)
         model = model.to(state.device)
-    samples = sample_completions(model, tokenizer, prompts, cfg.samples_per_prompt,
-                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, batch_size=cfg.batch_size, seed=recipe.seed,
-                                 shard=(state.process_index, state.num_processes))
-    del model
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, n=cfg.samples_per_prompt, seed=recipe.seed)
+    sampler = Sampler(model, tokenizer, token_budget=cfg.token_budget, shard=shard_of(state))
+    samples = sampler.sample(encode_prompts(tokenizer, prompts, f"stages.{ctx.name}.data"), params,
+                             "sampling completions")
+    del model, sampler
     if not ctx.is_main:
         return None
 
     started = time.perf_counter()
-    texts = [last_content(p) for p in prompts]
-    flat = scorer.score([texts[i] for i, group in enumerate(samples.completions) for _ in group],
-                        [c for group in samples.completions for c in group])
-    scoring_s = time.perf_counter() - started
+    texts = [scorer_text(p) for p in prompts]
     k = cfg.samples_per_prompt
-    groups = [{"prompt": texts[i], "completions": group, "scores": flat[i * k:(i + 1) * k], "prompt_index": i}
-              for i, group in enumerate(samples.completions)]
+    flat = scorer.score([texts[j // k] for j in range(len(samples.completions))], samples.texts)
+    scoring_s = time.perf_counter() - started
+    groups = [{"prompt": texts[i], "completions": [c.text for c in group], "scores": flat[i * k:(i + 1) * k],
+               "prompt_index": i} for i, group in enumerate(samples.grouped())]
     if ctx.is_main:
         atomic_write_text(ctx.dir / "samples.jsonl", "".join(
             json.dumps(g | {"prompt": prompts[i]}) + "\n" for i, g in enumerate(groups)))
@@ -309,7 +318,7 @@ def sample_pairs(cfg: PreferencesStage, ctx: StageContext, splits: Splits,
         "time/scoring": scoring_s,
         "labels/groups_without_pair": pairs.stats["groups_without_pair"],
         "labels/duplicate_completions": pairs.stats["duplicate_completions"],
-        "labels/completions_without_eos": samples.without_eos,
+        "labels/completions_without_eos": sum(not c.has_eos for c in samples.completions),
         "rewards/gold_mean": float(np.mean(flat)),
     }
     return sides, metrics
@@ -323,9 +332,9 @@ def dataset_pairs(splits: Splits, scorer: Scorer | None) -> tuple[list[list[dict
     flat = [r | {"flipped": r.get("flipped", False)} for side in sides for r in side]
     started = time.perf_counter()
     if scorer is not None:
-        prompts = [last_content(r["prompt"]) for r in flat]
-        chosen = scorer.score(prompts, [last_content(r["chosen"]) for r in flat])
-        rejected = scorer.score(prompts, [last_content(r["rejected"]) for r in flat])
+        prompts = [scorer_text(r["prompt"]) for r in flat]
+        chosen = scorer.score(prompts, [completion_text(r["chosen"]) for r in flat])
+        rejected = scorer.score(prompts, [completion_text(r["rejected"]) for r in flat])
         flat = [r | {"score_chosen": c, "score_rejected": s} for r, c, s in zip(flat, chosen, rejected, strict=True)]
     return _regroup(sides, flat), {"time/scoring": time.perf_counter() - started}
 
@@ -356,9 +365,9 @@ def judge_order(spec: dict[str, Any], recipe: Recipe, sides: list[list[dict]],
     flat = [r for side in sides for r in side]
     cache = open_cache(cfg)
     try:
-        verdicts = judge_label_pairs(judge, [last_content(r["prompt"]) for r in flat],
-                                     [last_content(r["chosen"]) for r in flat],
-                                     [last_content(r["rejected"]) for r in flat],
+        verdicts = judge_label_pairs(judge, [scorer_text(r["prompt"]) for r in flat],
+                                     [completion_text(r["chosen"]) for r in flat],
+                                     [completion_text(r["rejected"]) for r in flat],
                                      template=build_templates(cfg)["pairwise"], cache=cache)
     finally:
         if cache is not None:

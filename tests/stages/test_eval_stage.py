@@ -24,7 +24,7 @@ EVAL = {
     "kind": "eval",
     "models": ["base", "sft"],
     "generation": {"prompts": {"path": "prompts.jsonl"}, "samples_per_prompt": 2, "max_new_tokens": 6,
-                   "batch_size": 4, "scorer": "vader", "reference": "base"},
+                   "token_budget": 512, "scorer": "vader", "reference": "base"},
     "mc": {"data": {"path": "mc.jsonl"}},
     "judge": {"baseline": "sft", "local": {"batch_size": 4}},
 }

@@ -15,11 +15,11 @@ from peft import PeftModel, get_peft_model
 from common.config import LoraSpec, ModelConfig
 from common.generation import response_logprobs
 from common.models import load_base_model, load_tokenizer, lora_config, resolve_model
+from common.sampling import SamplingParams
 from common.tracking import Tracker
 from ppo.adapters import POLICY, REFERENCE, VALUE, OneBaseModel
 from ppo.config import PPOArgs
-from ppo.stage import encode_prompts
-from ppo.trainer import PPOTrainer
+from ppo.trainer import PPOTrainer, rollout_prompts
 from reward_model.scorers import build_scorer
 from tests.stages.test_ppo_training import FAST_ARGS, LETTERS, TOPICS, one_thread  # noqa: F401 - a fixture
 
@@ -47,7 +47,7 @@ def make_trainer(model: OneBaseModel, stage_dir: Path, model_cfg: ModelConfig = 
                  accelerator: Accelerator | None = None, **args) -> PPOTrainer:
     """A trainer on the test prompts, rewarded by the letter count (or `reward_fn`), writing into `stage_dir`."""
     tokenizer = load_tokenizer(resolve_model(model_cfg.base))
-    prompts = encode_prompts([f"Write about {t}." for t in TOPICS], tokenizer, "prompts")
+    prompts = rollout_prompts(tokenizer, [f"Write about {t}." for t in TOPICS], "prompts")
     stage_dir.mkdir(parents=True, exist_ok=True)
     reward_fn = reward_fn or build_scorer(LETTERS).score
     accelerator = accelerator or Accelerator(cpu=DEVICE.type == "cpu")
@@ -163,7 +163,7 @@ def test_qlora_4bit_ppo_keeps_gradients_through_the_base_after_rollouts(tmp_path
 
     before = first_layer_grad()
     assert before.abs().max() > 0
-    model.generate(load_tokenizer(resolve_model(cfg.base)), [[40, 41, 42]], 3, 1.0, seed=0)  # eval-mode forwards
+    model.sample(load_tokenizer(resolve_model(cfg.base)), [[40, 41, 42]], SamplingParams(max_new_tokens=3))  # eval mode
     torch.testing.assert_close(first_layer_grad(), before)
 
     lora_b = snapshot(model, lambda n: "lora_B" in n)

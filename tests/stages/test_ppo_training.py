@@ -13,8 +13,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from common.generation import generate_responses
 from common.models import load_base_model, resolve_model
+from common.sampling import Sampler, SamplingParams, encode_prompts
 from common.tracking import read_metrics
 from ppo.adapters import OneBaseModel
 from recipes.runner import RunOptions, run_recipe
@@ -96,13 +96,11 @@ def test_learnable_reward_rises_with_bounded_kl_and_the_policy_reloads(tmp_path)
     base = load_base_model(run.recipe.model, resolve_model("tiny-random-llama"), training=False)
     policy = PeftModel.from_pretrained(base, stage / "adapter").eval()
     tokenizer = AutoTokenizer.from_pretrained(stage / "adapter")
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write about {t}."}],
-                                             add_generation_prompt=True, return_dict=True)["input_ids"] for t in TOPICS]
+    prompts = encode_prompts(tokenizer, [f"Write about {t}." for t in TOPICS], "topics")
     letters = build_scorer(LETTERS)
 
     def mean_letters() -> float:
-        gen = generate_responses(policy, tokenizer, prompts, max_new_tokens=6, temperature=1.0, seed=0)
-        texts = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
+        texts = Sampler(policy, tokenizer, progress=False).sample(prompts, SamplingParams(max_new_tokens=6)).texts
         return sum(letters.score(texts, texts)) / len(texts)
 
     tuned = mean_letters()

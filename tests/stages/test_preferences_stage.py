@@ -35,7 +35,7 @@ def write_recipe(tmp_path, prefs: dict, others: dict | None = None) -> object:
               "model": {"base": "tiny-random-llama", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
               "stages": {"prefs": {"kind": "preferences", "data": {"path": "prompts.jsonl", "test_size": 0.25},
                                    "scorer": NEWLINES, "samples_per_prompt": 4, "max_new_tokens": 4,
-                                   "temperature": 1.0, "batch_size": 32, "noise": 0.5} | prefs} | (others or {})}
+                                   "temperature": 1.0, "noise": 0.5} | prefs} | (others or {})}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -1,4 +1,4 @@
-"""common.generation's pure functions on numbers worked by hand: padding, EOS truncation, position ids, and the
+"""common.generation's pure functions on numbers worked by hand: padding, position ids, and the
 log-probs and entropies of softmax(logits / T) (float64, tolerances near 1e-7)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common.generation import entropy_from_logits, logprobs_from_logits, pad_left, position_ids, truncate_after_eos
+from common.generation import entropy_from_logits, logprobs_from_logits, pad_left, position_ids
 
 
 def t(values, dtype=torch.float64):
@@ -18,22 +18,6 @@ def t(values, dtype=torch.float64):
 def close(actual, expected, tol=1e-6):
     torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
                                torch.as_tensor(expected, dtype=torch.float64), atol=tol, rtol=0)
-
-
-def test_truncate_after_eos_by_hand():
-    eos, pad = 2, 3
-    ids = torch.tensor([
-        [5, 2, 7, 2],  # EOS at 1: the later tokens (a second EOS too) become pad and leave the mask
-        [5, 6, 7, 8],  # no EOS: cut by the budget, all kept, has_eos False
-        [2, 9, 9, 9],  # EOS first: a one-token response
-        [5, 3, 2, 3],  # a sampled pad id before the EOS is a real token and stays in the mask
-    ])
-    out = truncate_after_eos(ids, eos, pad)
-    assert out.ids.tolist() == [[5, 2, 3, 3], [5, 6, 7, 8], [2, 3, 3, 3], [5, 3, 2, 3]]
-    assert out.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
-    assert out.has_eos.tolist() == [True, False, True, True]
-    ids_, mask, has_eos = out  # unpacks as a plain tuple
-    assert mask.dtype == torch.long and has_eos.dtype == torch.bool
 
 
 def test_pad_left():

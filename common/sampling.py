@@ -1,0 +1,417 @@
+"""The one sampler: every stage that generates text (preferences, PPO and the critic-free RL rollouts, generation
+evals, the judge's answers, Best-of-N) renders its prompts and samples here.
+
+Three things live here and nowhere else:
+
+- **Prompt rendering.** A prompt record is a text (one user message) or chat messages (multi-turn included).
+  `encode_prompt` turns it into model input (the chat template with the assistant turn opened); `scorer_text` into
+  the text a scorer, a reward model on text or a judge reads. The same record renders the same way in every stage.
+- **Batching by a token budget.** `plan_batches` sorts the (prompt, sample) jobs by prompt length and cuts them into
+  batches whose rows x (longest prompt + max_new_tokens) stay within `token_budget`, the memory a batch may hold in
+  its KV cache; results come back in input order. A wide batch is what makes a CPU (or a GPU) fast here: the
+  matrix products of one decoding step grow with the rows, the per-step overhead does not.
+- **Sampling.** `Sampler.sample` decodes with a KV cache in a loop of its own (no `generate`): exactly
+  softmax(logits / T) (optionally restricted by top_k / top_p), drawn by inverse CDF with one uniform per job and
+  step from a random stream of the job's own (seed, prompt index, sample index). So a completion does not depend
+  on which batch, process or token budget it was sampled in: re-sharding or re-batching changes nothing, and two
+  models given the same seed see the same random numbers (common random numbers make their differences less
+  noisy). Rows that have ended (EOS) leave the batch and its cache, so short completions stop costing compute.
+  A LoRA adapter is folded into the base weights for the duration of the call (`folded_lora`), so each decoding
+  step runs one matrix product per linear layer instead of three; the weights are restored bit for bit after.
+
+Backends: `Sampler` is the transformers backend on whatever device the model sits on. Another backend (vLLM on a
+GPU) would implement the same `sample(prompt_ids, params, ...) -> Samples`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from common.errors import InputError
+from common.generation import pad_left, position_ids, response_logprobs
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+Prompt = str | Messages
+
+# Room for a batch of the default task: 512 completions of a ~40-token prompt and 40 new tokens (~30 KiB of KV
+# cache a token for SmolLM2-135M: ~1.3 GB). Larger budgets stop paying once the matrix products are wide.
+DEFAULT_TOKEN_BUDGET = 32768
+
+
+# --- prompt rendering -------------------------------------------------------------------------------------------
+
+def as_messages(text_or_messages: str | Messages, role: str) -> Messages:
+    """A text becomes one message of `role`; a message list is kept as it is."""
+    if isinstance(text_or_messages, str):
+        return [{"role": role, "content": text_or_messages}]
+    return list(text_or_messages)
+
+
+def scorer_text(prompt: Prompt) -> str:
+    """What a scorer, a text reward model or a judge reads as the prompt: a text prompt or a lone user message as it
+    is; any other conversation (a system prompt, several turns) with one `role: content` line per message, so that
+    nothing the model was shown is hidden from whoever grades its answer."""
+    messages = as_messages(prompt, "user")
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def completion_text(completion: str | Messages) -> str:
+    """The text of a completion: itself, or the content of its last (assistant) message."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, where: str) -> list[int]:
+    """Model input for a prompt: the chat template with the assistant turn opened, where generation starts; a
+    tokenizer without a chat template takes a text prompt as it is. `where` names the prompt in errors."""
+    if tokenizer.chat_template is None:
+        if not isinstance(prompt, str):
+            raise InputError(f"{where}: a chat prompt, but the model's tokenizer has no chat template; give text "
+                             "prompts or use a chat model")
+        return list(tokenizer(prompt)["input_ids"])
+    return list(tokenizer.apply_chat_template(as_messages(prompt, "user"), add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], source: str) -> list[list[int]]:
+    """`encode_prompt` for each prompt; errors name the source and the 1-based row."""
+    return [encode_prompt(tokenizer, p, f"{source}: row {row}") for row, p in enumerate(prompts, 1)]
+
+
+# --- batching ---------------------------------------------------------------------------------------------------
+
+def plan_batches(widths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Cut jobs of the given widths (tokens a row needs: prompt + max_new_tokens to sample, prompt + completion to
+    score) into batches of at most `token_budget` tokens, rows x the batch's widest row.
+
+    Jobs are sorted widest first (the largest batch shape comes first, so running out of memory shows at once), ties
+    in job order, so each batch is as wide as its first job. Returns the job indices of each batch.
+    """
+    if token_budget < 1:
+        raise ValueError(f"plan_batches: token_budget must be >= 1, got {token_budget}")
+    batches: list[list[int]] = []
+    for job in sorted(range(len(widths)), key=lambda j: (-widths[j], j)):
+        if widths[job] > token_budget:
+            raise InputError(f"sampling: token_budget {token_budget} is smaller than one row of {widths[job]} tokens "
+                             f"(prompt + completion); raise token_budget to at least {widths[job]}")
+        if batches and (len(batches[-1]) + 1) * widths[batches[-1][0]] <= token_budget:
+            batches[-1].append(job)
+        else:
+            batches.append([job])
+    return batches
+
+
+# --- the random streams -----------------------------------------------------------------------------------------
+
+def job_uniforms(seed: int, prompt_index: int, sample_index: int, steps: int) -> Tensor:
+    """The uniforms in [0, 1) that draw a job's tokens, one a step: float64 from a generator seeded by a hash of
+    (seed, prompt, sample), independent of every other job and of the global RNG."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.rand(steps, generator=generator, dtype=torch.float64)
+
+
+def draw_tokens(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """One token per row from softmax(logits / T) restricted to the top_k tokens and the top_p nucleus (0 and 1.0:
+    unrestricted), by inverse CDF: the first token whose cumulative probability exceeds the row's uniform.
+
+    float64 probabilities, so the cumulative sum over a 50k-token vocabulary is exact to ~1e-12."""
+    z = logits.to(torch.float64) / temperature
+    if top_k > 0 and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    probs = torch.softmax(z, dim=-1)
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (Holtzman et al. 2020): a token stays
+        # if the mass of the tokens more likely than it is still below top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    cdf = probs.cumsum(-1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return tokens.clamp_(max=probs.shape[-1] - 1)
+
+
+# --- LoRA folding -----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def folded_lora(model: Any) -> Iterator[Any]:
+    """Run the active LoRA adapter of a peft model folded into its base weights: W + (alpha / r) B A in place of W,
+    with the adapter layers switched off, so a forward pass costs what the base model's does.
+
+    Yields the model to call. The base weights are copied before and copied back after (bit-identical, unlike
+    peft's unmerge, which subtracts in floating point); the adapter is never written. Models it cannot fold run as
+    they are: not a peft model, no active LoRA adapter, quantized base weights (4/8-bit: folding would re-quantize),
+    or modules_to_save (their trained copies are bypassed when the adapter layers are off).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if hasattr(model, "peft_config") else []
+    active = getattr(model, "active_adapter", None)
+    config = model.peft_config.get(active) if layers and isinstance(active, str) else None
+    foldable = (config is not None and getattr(config, "peft_type", None) is not None
+                and str(config.peft_type.value) == "LORA" and not getattr(config, "modules_to_save", None)
+                and not getattr(model, "_adapters_disabled", False)
+                and all(m.get_base_layer().weight.dtype.is_floating_point for m in layers))
+    if not foldable:
+        yield model
+        return
+    targets = [m for m in layers if active in m.lora_A]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    backups = []
+    try:
+        with torch.no_grad():
+            for layer in targets:
+                weight = layer.get_base_layer().weight
+                backups.append((weight, weight.detach().clone()))
+                weight.add_(layer.get_delta_weight(active).to(weight.dtype))
+        with model.disable_adapter():
+            yield model
+    finally:
+        with torch.no_grad():
+            for weight, backup in backups:
+                weight.copy_(backup)
+        # peft's disable_adapter re-enables the adapter layers by marking every adapter's parameters trainable.
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
+
+
+# --- samples ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `n` completions per prompt; `logprobs` also returns each sampled token's log-prob under the
+    full softmax(logits / T) (not the top_k / top_p restricted one)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"SamplingParams: temperature must be > 0, got {self.temperature}")
+        if self.max_new_tokens < 1 or self.n < 1:
+            raise ValueError(f"SamplingParams: max_new_tokens and n must be >= 1, got {self.max_new_tokens}, {self.n}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams: expected top_k >= 0 and 0 < top_p <= 1, got {self.top_k}, {self.top_p}")
+
+
+@dataclass
+class Completion:
+    """One sampled completion: its token ids up to and including the first EOS (all max_new_tokens of them when it
+    has none), the decoded text without special tokens, and, when asked, the sampled tokens' log-probs."""
+
+    token_ids: list[int]
+    text: str
+    has_eos: bool
+    logprobs: list[float] | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens of the text the completion shows (without its EOS)."""
+        return len(self.token_ids) - int(self.has_eos)
+
+
+@dataclass
+class Samples:
+    """What `Sampler.sample` returns: completions in flat input order, j = prompt * n + sample."""
+
+    prompt_ids: list[list[int]]
+    n: int
+    completions: list[Completion]
+    seconds: float = 0.0
+    tokens_processed: int = 0  # prompt tokens prefilled + decoding steps x rows, over every process
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+    def grouped(self) -> list[list[Completion]]:
+        """The n completions of each prompt."""
+        return [self.completions[i:i + self.n] for i in range(0, len(self.completions), self.n)]
+
+    def padded(self, jobs: Sequence[int], pad_id: int, device: torch.device | str | None = None) -> PaddedBatch:
+        """Jobs as one left-padded-prompt, right-padded-response batch (the layout `response_logprobs` takes)."""
+        query_ids, query_mask = pad_left([self.prompt_ids[j // self.n] for j in jobs], pad_id, device)
+        width = max(len(self.completions[j].token_ids) for j in jobs)
+        response_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
+        response_mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, j in enumerate(jobs):
+            ids = self.completions[j].token_ids
+            response_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            response_mask[row, :len(ids)] = 1
+        has_eos = torch.tensor([self.completions[j].has_eos for j in jobs])
+        return PaddedBatch(query_ids, query_mask, response_ids.to(device), response_mask.to(device), has_eos.to(device))
+
+
+@dataclass
+class PaddedBatch:
+    query_ids: Tensor  # [B, P] left-padded prompts
+    query_mask: Tensor  # [B, P]
+    response_ids: Tensor  # [B, R] right-padded responses (pad id after the EOS)
+    response_mask: Tensor  # [B, R] 1 up to and including the EOS
+    has_eos: Tensor  # [B] bool
+
+    @property
+    def response_start(self) -> int:
+        return self.query_ids.shape[1]
+
+    @property
+    def ids(self) -> Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+class Sampler:
+    """The transformers backend: samples from `model` (a causal LM, peft or not) where it sits.
+
+    `token_budget` bounds each batch's rows x (prompt + max_new_tokens); `shard=(index, count)` splits the batches
+    over the processes of a distributed launch, which exchange their completions (a collective: every process
+    calls `sample`) and each return all of them; `fold_lora` folds an active LoRA adapter in for the call.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 shard: tuple[int, int] = (0, 1), fold_lora: bool = True, progress: bool = True):
+        pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if pad_id is None or eos_id is None or pad_id == eos_id:
+            raise ValueError(f"Sampler: the tokenizer needs distinct pad and eos tokens (pad={pad_id}, eos={eos_id}); "
+                             "add a pad token (e.g. '<|pad|>') so padding is never mistaken for the end of a response")
+        self.model, self.tokenizer = model, tokenizer
+        self.token_budget, self.shard, self.fold_lora, self.progress = token_budget, shard, fold_lora, progress
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, desc: str = "sampling") -> Samples:
+        """`params.n` completions of each prompt (token ids, e.g. from `encode_prompts`), in input order."""
+        prompts = [list(p) for p in prompt_ids]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("Sampler.sample: give at least one prompt, each of at least one token")
+        index, count = self.shard
+        widths = [len(prompts[j // params.n]) + params.max_new_tokens for j in range(len(prompts) * params.n)]
+        batches = plan_batches(widths, self.token_budget)
+        mine = list(enumerate(batches))[index::count]
+        started = time.perf_counter()
+        done: list[tuple[int, Completion]] = []
+        processed = 0
+        fold = folded_lora(self.model) if self.fold_lora else contextlib.nullcontext(self.model)
+        bar = tqdm(total=sum(len(b) for _, b in mine), desc=desc, unit="completion", disable=not self.progress)
+        with _eval_mode(self.model), torch.no_grad(), fold as model, bar:
+            for _, jobs in mine:
+                completions, tokens = self._decode(model, prompts, jobs, params)
+                done += zip(jobs, completions, strict=True)
+                processed += tokens
+                bar.update(len(jobs))
+        if count > 1:
+            gathered = gather_object([(done, processed)])
+            done = [item for part, _ in gathered for item in part]
+            processed = sum(tokens for _, tokens in gathered)
+        done.sort(key=lambda item: item[0])
+        return Samples(prompts, params.n, [c for _, c in done], time.perf_counter() - started, processed)
+
+    def _decode(self, model: Any, prompts: list[list[int]], jobs: list[int],
+                params: SamplingParams) -> tuple[list[Completion], int]:
+        """Sample one batch with a KV cache; rows leave the batch at their EOS."""
+        tok, n, steps = self.tokenizer, params.n, params.max_new_tokens
+        device = next(model.parameters()).device
+        ids, mask = pad_left([prompts[j // n] for j in jobs], tok.pad_token_id, device)
+        uniforms = torch.stack([job_uniforms(params.seed, j // n, j % n, steps) for j in jobs])
+        tokens: list[list[int]] = [[] for _ in jobs]
+        logprobs: list[list[float]] = [[] for _ in jobs]
+        live = torch.arange(len(jobs))  # batch rows still decoding -> their index in `jobs`
+        processed = int(mask.sum())
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                    logits_to_keep=1)
+        cache, next_position = out.past_key_values, position_ids(mask)[:, -1:] + 1
+        for step in range(steps):
+            logits = out.logits[:, -1].float()
+            drawn = draw_tokens(logits, uniforms[live, step], params.temperature, params.top_k, params.top_p)
+            if params.logprobs:
+                picked = torch.log_softmax(logits / params.temperature, dim=-1).gather(-1, drawn[:, None])[:, 0]
+                for row, value in zip(live.tolist(), picked.tolist(), strict=True):
+                    logprobs[row].append(value)
+            ended = drawn == tok.eos_token_id
+            for row, token in zip(live.tolist(), drawn.tolist(), strict=True):
+                tokens[row].append(token)
+            if step == steps - 1 or bool(ended.all()):
+                break
+            if bool(ended.any()):
+                keep = (~ended).nonzero().squeeze(-1)
+                live, drawn, mask, next_position = live[keep], drawn[keep], mask[keep], next_position[keep]
+                cache.batch_select_indices(keep.to(device))
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            processed += len(live)
+            out = model(input_ids=drawn[:, None].to(device), attention_mask=mask, position_ids=next_position,
+                        past_key_values=cache, use_cache=True)
+            next_position = next_position + 1
+        completions = []
+        for row in range(len(jobs)):
+            has_eos = tokens[row][-1] == tok.eos_token_id
+            completions.append(Completion(tokens[row], tok.decode(tokens[row], skip_special_tokens=True), has_eos,
+                                          logprobs[row] if params.logprobs else None))
+        return completions, processed
+
+
+@torch.no_grad()
+def completion_logprobs(model: Any, samples: Samples, temperature: float, pad_id: int, *,
+                        token_budget: int = DEFAULT_TOKEN_BUDGET, shard: tuple[int, int] = (0, 1)) -> list[list[float]]:
+    """Each completion's token log-probs under `model` (e.g. a reference, for a KL estimate), from forward passes
+    over batches of at most `token_budget` tokens (prompt + completion, padded), in input order. Sharded like
+    `Sampler.sample`."""
+    widths = [len(samples.prompt_ids[j // samples.n]) + len(c.token_ids) for j, c in enumerate(samples.completions)]
+    batches = plan_batches(widths, token_budget)
+    device = next(model.parameters()).device
+    index, count = shard
+    mine: list[tuple[int, list[float]]] = []
+    with _eval_mode(model):
+        for jobs in batches[index::count]:
+            batch = samples.padded(jobs, pad_id, device)
+            values = response_logprobs(model, batch.ids, batch.attention_mask, batch.response_start,
+                                       temperature).logprobs
+            for row, j in enumerate(jobs):
+                mine.append((j, values[row, :len(samples.completions[j].token_ids)].tolist()))
+    if count > 1:
+        mine = [item for part in gather_object([mine]) for item in part]
+    return [values for _, values in sorted(mine, key=lambda item: item[0])]
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    # Dropout off for sampling, each submodule's flag restored after: a frozen part may be deliberately in eval mode
+    # inside a training model.
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def shard_of(accelerator: Any | None) -> tuple[int, int]:
+    """(process index, process count) of a launch, (0, 1) without one."""
+    if accelerator is None:
+        return (0, 1)
+    return (accelerator.process_index, accelerator.num_processes)
+
