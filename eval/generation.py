@@ -5,7 +5,7 @@ the same batches for every model, and batch b is sampled with seed `seed + b` (`
 between models are not differences of luck in the random stream. Prompts go through the model's chat template.
 
 What is measured, per completion and then per model:
-- gold reward: a gold scorer (`reward_model.scorers`), e.g. VADER sentiment of the completion;
+- gold reward: a gold scorer (`preferences.scorers`), e.g. VADER sentiment of the completion;
 - learned reward: a reward model saved by a reward_model stage (`reward_model.api.RewardModel`);
 - KL(policy || reference), estimated from the samples: for a completion y ~ pi(.|x), sum over its tokens of
   log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) (the "k1" estimator, unbiased for the sequence KL because y is

@@ -9,11 +9,11 @@ eval:
     samples_per_prompt: 4
     max_new_tokens: 64
     temperature: 1.0
-    scorer: vader                 # a gold scorer (reward_model.scorers); null = none
+    scorer: vader                 # a gold scorer (preferences.scorers); null = none
     reward_model: rm              # a reward_model stage scores every completion too; null = none
     reference: sft                # KL(model || reference) from the samples; null = none
   mc: {data: {path: ../../data/mc}, shots: 0, mode: letter, chat_template: false}
-  judge: {baseline: sft}          # + any judge key (eval.judge.config); the local judge is the base model
+  judge: {baseline: sft}          # + any judge key (judge.config); the local judge is the base model
 ```
 
 Outputs (the report reads these names):
@@ -102,7 +102,7 @@ class GenerationBlock:
     max_new_tokens: int = 64
     temperature: float = 1.0
     batch_size: int = 16
-    scorer: Any = None               # a gold scorer spec (reward_model.scorers), e.g. vader
+    scorer: Any = None               # a gold scorer spec (preferences.scorers), e.g. vader
     reward_model: str | None = None  # a reward_model stage
     reference: str | None = None     # a model name (base or a stage) for KL(model || reference)
 
@@ -112,7 +112,7 @@ class EvalStage(StageConfig):
     models: list[str] = field(default_factory=lambda: [BASE])
     generation: GenerationBlock | None = None
     mc: MCBlock | None = None
-    # The judge section of eval.judge.config (backend, local / http, templates, cache, ...) plus `baseline`.
+    # The judge section of judge.config (backend, local / http, templates, cache, ...) plus `baseline`.
     judge: dict[str, Any] | None = None
 
     def references(self) -> list[str]:
@@ -182,7 +182,7 @@ class RewardModelSource:
 class GenerationPlan:
     prompts: list[Prompt]
     settings: SamplingSettings
-    scorer: Any = None  # a reward_model.scorers.Scorer
+    scorer: Any = None  # a preferences.scorers.Scorer
     reward_model: RewardModelSource | None = None
     reference: str | None = None
 
@@ -199,7 +199,7 @@ class MCPlan:
 
 @dataclass
 class JudgePlan:
-    config: Any  # eval.judge.JudgeConfig
+    config: Any  # judge.JudgeConfig
     baseline: str
 
 
@@ -225,7 +225,7 @@ def check_sampling(settings: SamplingSettings, label: Callable[[str], str]) -> N
 def generation_plan(block: GenerationBlock, recipe: Recipe, where: str,
                     ctx: StageContext | None = None) -> GenerationPlan:
     """Check the generation block; with a run context (at run time) also locate the reward model's directory."""
-    from reward_model.scorers import build_scorer
+    from preferences.scorers import build_scorer
 
     settings = SamplingSettings(block.samples_per_prompt, block.max_new_tokens, block.temperature, block.batch_size,
                                 recipe.seed)
@@ -286,7 +286,7 @@ def mc_plan(block: MCBlock, recipe: Recipe, where: str, check_only: bool = False
 def judge_plan(block: dict[str, Any], recipe: Recipe, where: str, names: Sequence[str]) -> JudgePlan:
     """The judge config with the lab's defaults: a local judge is the recipe's base model unless it names one;
     template and cache paths are relative to the recipe."""
-    from eval.judge import judge_config_from_dict
+    from judge import judge_config_from_dict
 
     block = dict(block)
     baseline = block.pop("baseline", None)
@@ -480,7 +480,7 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
 def judge_samples(config: Any, rows_a: Sequence[dict], rows_b: Sequence[dict], vs: str) -> dict[str, Any]:
     """Pairwise win rate of answers a against answers b (samples.jsonl rows), paired by prompt and sample number;
     the judge entry of results.json."""
-    from eval.judge import Pair, evaluate_pairs
+    from judge import Pair, evaluate_pairs
 
     def key(row: dict) -> str:
         return json.dumps([row["prompt"], row.get("sample", 0)], sort_keys=True)

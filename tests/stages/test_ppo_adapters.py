@@ -20,7 +20,7 @@ from ppo.adapters import POLICY, REFERENCE, VALUE, OneBaseModel
 from ppo.config import PPOArgs
 from ppo.stage import encode_prompts
 from ppo.trainer import PPOTrainer
-from reward_model.scorers import build_scorer
+from preferences.scorers import build_scorer
 from tests.stages.test_ppo_training import FAST_ARGS, LETTERS, TOPICS, one_thread  # noqa: F401 - a fixture
 
 MODEL = ModelConfig(base="tiny-random-llama", dtype="float32", lora=LoraSpec(r=4, alpha=8, dropout=0.0))

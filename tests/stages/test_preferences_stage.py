@@ -14,9 +14,9 @@ import yaml
 from common.config import DataSpec
 from common.data import load_splits
 from common.errors import InputError
+from preferences.pairs import pair_indices
 from recipes.cli import main
 from recipes.runner import RunOptions, run_recipe
-from reward_model.pairs import pair_indices
 from tests.conftest import write_jsonl
 from tests.stages.test_judge_http import ScriptedServer
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from common.errors import InputError
-from eval.judge import (
+from judge import (
     PAIRWISE_LABELS,
     SCORE_LABELS,
     JudgeCache,

@@ -7,7 +7,7 @@ judge:
     base_url: http://127.0.0.1:8000/v1
     model: my-judge
     api_key_env: JUDGE_API_KEY  # the variable's NAME; the key itself never goes in a recipe
-  pairwise_template: prompts/my_pairwise.j2   # optional; defaults in eval/judge/templates/
+  pairwise_template: prompts/my_pairwise.j2   # optional; defaults in judge/templates/
   cache: runs/judge-cache.sqlite
 ```
 """

@@ -6,7 +6,7 @@ prefs:
   from: sft                     # the policy to sample from (that stage's adapter); no `from` = the base model
   source: policy                # policy (sample and label) | dataset (an existing preference dataset)
   data: {path: prompts.jsonl, test_size: 0.1}    # prompts, or with source: dataset, preference pairs
-  scorer: vader                 # the gold scorer (reward_model.scorers); required with source: policy
+  scorer: vader                 # the gold scorer (preferences.scorers); required with source: policy
   labeller: {kind: gold}        # gold (order by the gold score) | judge (an LLM judge, see below)
   samples_per_prompt: 4         # K
   max_new_tokens: 48
@@ -19,14 +19,14 @@ prefs:
 
 `source: policy`: every prompt (text, read as one user message, or chat messages) gets K completions sampled with
 the policy's chat template (`reward_model.sampling`), each scored by the gold scorer, and pairs are formed by score
-(`reward_model.pairs.form_pairs`: identical or blank completions and gold ties never make a pair), ordered by gold.
+(`preferences.pairs.form_pairs`: identical or blank completions and gold ties never make a pair), ordered by gold.
 `source: dataset`: the pairs of `data` (a local file, a hub dataset or another stage; chat, text or Anthropic-HH
 records, normalised by `common.data`) keep their labels; with a `scorer` both completions are scored, so that
 agreement with the gold scorer is known.
 
-Labeller `judge` (`labeller: {kind: judge, judge: {backend: local, local: {model: DIR}}}`, the eval.judge section;
+Labeller `judge` (`labeller: {kind: judge, judge: {backend: local, local: {model: DIR}}}`, the judge section;
 relative paths are relative to the recipe): each pair is shown to the judge in both orders
-(`eval.judge.judge_label_pairs`); it keeps or swaps the pair's order, and a pair it ties or judges inconsistently
+(`judge.judge_label_pairs`); it keeps or swaps the pair's order, and a pair it ties or judges inconsistently
 across the two orders is dropped (`labels/judge_undecided`). Each kept pair records `judge_prob`, the judge's
 order-averaged probability for its choice.
 
@@ -75,18 +75,18 @@ import numpy as np
 from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 
-from common.config import Recipe, StageConfig
+from common.agreement import gold_agreement
+from common.config import Recipe, StageConfig, check_policy_source
 from common.data import Splits, load_splits
 from common.errors import InputError
 from common.models import load_for_inference, load_tokenizer, resolve_model
 from common.runs import StageContext, StageResult, atomic_write_text
 from common.schema import to_dict
 from common.tracking import Tracker
-from eval.judge import build_judge, build_templates, judge_config_from_dict, judge_label_pairs, open_cache
-from reward_model.agreement import gold_agreement
-from reward_model.pairs import check_pair_options, flip_mask, form_pairs, split_train_test
+from judge import build_judge, build_templates, judge_config_from_dict, judge_label_pairs, open_cache
+from preferences.pairs import check_pair_options, flip_mask, form_pairs, split_train_test
+from preferences.scorers import Scorer, build_scorer
 from reward_model.sampling import as_messages, last_content, sample_completions
-from reward_model.scorers import Scorer, build_scorer
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ SHAPE = {"policy": "prompt", "dataset": "preference"}
 
 @dataclass
 class LabellerSpec:
-    """Who orders each pair: the gold scorer, or an LLM judge (`judge:` is the eval.judge section)."""
+    """Who orders each pair: the gold scorer, or an LLM judge (`judge:` is the judge section)."""
 
     kind: Literal["gold", "judge"] = "gold"
     judge: dict[str, Any] | None = None
@@ -164,14 +164,6 @@ class PreferencesStage(StageConfig):
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise InputError(f"recipe: {where}: expected top_k >= 0 and 0 < top_p <= 1, got top_k {self.top_k}, "
                              f"top_p {self.top_p}")
-
-
-def check_policy_source(recipe: Recipe, from_: str | None, where: str) -> None:
-    """`from` must name a stage that saves a model (sft, dpo, ppo), not one that saves data or a reward model."""
-    kind = recipe.stages[from_].kind if from_ else None
-    if kind in ("preferences", "reward_model"):
-        raise InputError(f"recipe: {where}.from: '{from_}' is a {kind} stage, which saves no policy adapter; name the "
-                         "stage whose adapter to start from (e.g. sft)")
 
 
 def train(cfg: PreferencesStage, ctx: StageContext) -> StageResult:
@@ -336,7 +328,7 @@ JUDGE_PATHS = (("local", "model"), ("pairwise_template",), ("single_template",),
 
 
 def judge_config(spec: dict[str, Any], recipe: Recipe, where: str):
-    """The eval.judge config of `spec`, with its relative paths made relative to the recipe."""
+    """The judge config of `spec`, with its relative paths made relative to the recipe."""
     spec = json.loads(json.dumps(spec))  # a deep copy, so the recipe keeps what the user wrote
     for keys in JUDGE_PATHS:
         node = spec
