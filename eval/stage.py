@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import torch
 
+from common.adapters import using
 from common.config import DataSpec, ModelConfig, Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
@@ -335,7 +336,7 @@ def eval_device() -> torch.device:
 
 class ModelPool:
     """Holds one base model at a time, with every adapter on that base loaded as a named peft adapter; switching
-    between them is `set_adapter` (or `disable_adapter` for the base itself), never a second copy of the base.
+    between them is `common.adapters.using` (adapters off for the base itself), never a second copy of the base.
     Sources on other bases (another model, a fully fine-tuned stage) replace the loaded one when they are used."""
 
     def __init__(self, sources: Sequence[ModelSource]):
@@ -381,12 +382,8 @@ class ModelPool:
         if key != self._key:
             self._load(key, source.model)
         model = self._model
-        if source.adapter is not None:
-            model.set_adapter(self._adapters[name], inference_mode=True)
-            context = contextlib.nullcontext()
-        else:
-            context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-        with context:
+        adapter = self._adapters[name] if source.adapter is not None else None  # None: the base, adapters off
+        with using(model, adapter) if isinstance(model, PeftModel) else contextlib.nullcontext():
             yield model, self._tokenizer
 
     def close(self) -> None:
