@@ -61,6 +61,7 @@ from eval.generation import (
     sample_rows,
     summarize,
 )
+from judge import JudgeConfig, Pair, evaluate_pairs, with_paths
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +110,19 @@ class GenerationBlock:
 
 
 @dataclass
+class EvalJudge(JudgeConfig):
+    """A judge block (judge.config: backend, local / http, templates, cache, ...) plus the model every other model
+    is compared with. A local judge without a model is the recipe's base model."""
+
+    baseline: str = field(kw_only=True)
+
+
+@dataclass
 class EvalStage(StageConfig):
     models: list[str] = field(default_factory=lambda: [BASE])
     generation: GenerationBlock | None = None
     mc: MCBlock | None = None
-    # The judge section of judge.config (backend, local / http, templates, cache, ...) plus `baseline`.
-    judge: dict[str, Any] | None = None
+    judge: EvalJudge | None = None
 
     def references(self) -> list[str]:
         refs = self.group_references()
@@ -200,7 +208,7 @@ class MCPlan:
 
 @dataclass
 class JudgePlan:
-    config: Any  # judge.JudgeConfig
+    config: JudgeConfig
     baseline: str
 
 
@@ -284,26 +292,16 @@ def mc_plan(block: MCBlock, recipe: Recipe, where: str, check_only: bool = False
     return MCPlan(questions, dev, block.shots, block.mode, block.chat_template, block.batch_size)
 
 
-def judge_plan(block: dict[str, Any], recipe: Recipe, where: str, names: Sequence[str]) -> JudgePlan:
+def judge_plan(block: EvalJudge, recipe: Recipe, where: str, names: Sequence[str]) -> JudgePlan:
     """The judge config with the lab's defaults: a local judge is the recipe's base model unless it names one;
     template and cache paths are relative to the recipe."""
-    from judge import judge_config_from_dict
-
-    block = dict(block)
-    baseline = block.pop("baseline", None)
-    if not isinstance(baseline, str):
-        raise InputError(f"recipe: {where}.baseline is required: the model every other model is compared with, "
-                         f"one of {', '.join(names)}")
-    if baseline not in names:
-        raise InputError(f"recipe: {where}.baseline '{baseline}' is not among the models evaluated "
+    if block.baseline not in names:
+        raise InputError(f"recipe: {where}.baseline '{block.baseline}' is not among the models evaluated "
                          f"({', '.join(names)}); add it to models or choose one of them")
-    local = block.get("local")
-    if block.setdefault("backend", "local") == "local" and (local is None or isinstance(local, dict)):
-        block["local"] = {"model": recipe.model.base} | (local or {})
-    for key in ("pairwise_template", "single_template", "reference_template", "cache"):
-        if isinstance(block.get(key), str):
-            block[key] = str(recipe.resolve_path(block[key]))
-    return JudgePlan(judge_config_from_dict(block, where), baseline)
+    config = with_paths(block, recipe.resolve_path, where)
+    if config.backend == "local" and config.local.model is None:
+        config = dataclasses.replace(config, local=dataclasses.replace(config.local, model=recipe.model.base))
+    return JudgePlan(config, block.baseline)
 
 
 # --- models ------------------------------------------------------------------------------------------
@@ -474,10 +472,9 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
     return results
 
 
-def judge_samples(config: Any, rows_a: Sequence[dict], rows_b: Sequence[dict], vs: str) -> dict[str, Any]:
+def judge_samples(config: JudgeConfig, rows_a: Sequence[dict], rows_b: Sequence[dict], vs: str) -> dict[str, Any]:
     """Pairwise win rate of answers a against answers b (samples.jsonl rows), paired by prompt and sample number;
     the judge entry of results.json."""
-    from judge import Pair, evaluate_pairs
 
     def key(row: dict) -> str:
         return json.dumps([row["prompt"], row.get("sample", 0)], sort_keys=True)

@@ -83,7 +83,7 @@ from common.models import load_for_inference, load_tokenizer, resolve_model
 from common.runs import StageContext, StageResult, atomic_write_text
 from common.schema import to_dict
 from common.tracking import Tracker
-from judge import build_judge, build_templates, judge_config_from_dict, judge_label_pairs, open_cache
+from judge import JudgeConfig, build_judge, build_templates, judge_label_pairs, open_cache, with_paths
 from preferences.pairs import check_pair_options, flip_mask, form_pairs, split_train_test
 from preferences.scorers import Scorer, build_scorer
 from reward_model.sampling import as_messages, last_content, sample_completions
@@ -95,10 +95,10 @@ SHAPE = {"policy": "prompt", "dataset": "preference"}
 
 @dataclass
 class LabellerSpec:
-    """Who orders each pair: the gold scorer, or an LLM judge (`judge:` is the judge section)."""
+    """Who orders each pair: the gold scorer, or an LLM judge (`judge:` is a judge block, judge.config)."""
 
     kind: Literal["gold", "judge"] = "gold"
-    judge: dict[str, Any] | None = None
+    judge: JudgeConfig | None = None
 
 
 @dataclass
@@ -149,10 +149,7 @@ class PreferencesStage(StageConfig):
         if self.labeller.judge is None:
             raise InputError(f"recipe: {where}.labeller: kind judge needs a judge block, e.g. judge: {{backend: "
                              "local, local: {model: path/to/model}}")
-        cfg = judge_config(self.labeller.judge, recipe, f"recipe: {where}.labeller.judge")
-        if cfg.local is not None and not Path(cfg.local.model).is_dir():
-            raise InputError(f"recipe: {where}.labeller.judge.local.model: {cfg.local.model} is not a directory; "
-                             "give a local model directory (relative paths are relative to the recipe)")
+        judge_config(self.labeller.judge, recipe, f"{where}.labeller.judge")
 
     def _check_sampling(self, where: str) -> None:
         for key, minimum in (("samples_per_prompt", 2), ("max_new_tokens", 1), ("batch_size", 1)):
@@ -324,22 +321,19 @@ def dataset_pairs(splits: Splits, scorer: Scorer | None) -> tuple[list[list[dict
 
 # --- labeller: judge ----------------------------------------------------------------------------------
 
-JUDGE_PATHS = (("local", "model"), ("pairwise_template",), ("single_template",), ("reference_template",), ("cache",))
+def judge_config(cfg: JudgeConfig, recipe: Recipe, where: str) -> JudgeConfig:
+    """The labeller's judge with its paths (a local judge's model directory too) relative to the recipe."""
+    cfg = with_paths(cfg, recipe.resolve_path, where)
+    if cfg.backend == "http":
+        return cfg
+    model = cfg.local.model
+    if model is None or not recipe.resolve_path(model).is_dir():
+        raise InputError(f"recipe: {where}.local.model: {model} is not a directory; give a local model directory "
+                         "(relative paths are relative to the recipe)")
+    return dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, model=str(recipe.resolve_path(model))))
 
 
-def judge_config(spec: dict[str, Any], recipe: Recipe, where: str):
-    """The judge config of `spec`, with its relative paths made relative to the recipe."""
-    spec = json.loads(json.dumps(spec))  # a deep copy, so the recipe keeps what the user wrote
-    for keys in JUDGE_PATHS:
-        node = spec
-        for key in keys[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
-            node[keys[-1]] = str(recipe.resolve_path(node[keys[-1]]))
-    return judge_config_from_dict(spec, where)
-
-
-def judge_order(spec: dict[str, Any], recipe: Recipe, sides: list[list[dict]],
+def judge_order(spec: JudgeConfig, recipe: Recipe, sides: list[list[dict]],
                 where: str) -> tuple[list[list[dict]], int]:
     """Let the judge keep or swap each pair; drop the pairs it leaves undecided. Returns the sides and how many
     were dropped."""
