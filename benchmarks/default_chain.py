@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.tracking import read_metrics  # noqa: E402
+from preferences.scorers import build_scorer  # noqa: E402
 from recipes.runner import RunOptions, run_recipe  # noqa: E402
-from reward_model.scorers import build_scorer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes/configs/smollm2-135m/sentiment.yaml"

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from eval.judge import Pair, judge_pairs, load_pairs, summarize_pairwise  # noqa: E402
-from eval.judge.local import LocalJudge  # noqa: E402
+from judge import Pair, judge_pairs, load_pairs, summarize_pairwise  # noqa: E402
+from judge.local import LocalJudge  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -45,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
+from common.agreement import GAP_THIRDS  # noqa: E402
 from recipes.runner import RunOptions, run_recipe  # noqa: E402
-from reward_model.agreement import GAP_THIRDS  # noqa: E402
 
 DATA = ROOT / "recipes" / "data" / "sentiment"
 DEFAULT_RECIPE = ROOT / "recipes" / "configs" / "smollm2-135m" / "sentiment.yaml"

@@ -200,6 +200,14 @@ class Recipe:
         return p if p.is_absolute() else (self.source.parent / p).resolve()
 
 
+def check_policy_source(recipe: Recipe, from_: str | None, where: str) -> None:
+    """`from` must name a stage that saves a model (sft, dpo, ppo), not one that saves data or a reward model."""
+    kind = recipe.stages[from_].kind if from_ else None
+    if kind in ("preferences", "reward_model"):
+        raise InputError(f"recipe: {where}.from: '{from_}' is a {kind} stage, which saves no policy adapter; name the "
+                         "stage whose adapter to start from (e.g. sft)")
+
+
 def trains_in_bf16(model: ModelConfig) -> bool:
     """Whether training passes run in bf16: bf16 weights, or bf16 autocast over other weights."""
     return model.dtype == "bfloat16" or (model.dtype == "auto" and _cuda_bf16()) or autocasts_bf16(model)

@@ -38,6 +38,7 @@ from accelerate.utils import gather_object
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from common.adapters import adapters_off
 from common.errors import InputError
 from common.generation import pad_left, position_ids, response_logprobs
 
@@ -160,36 +161,32 @@ def folded_lora(model: Any) -> Iterator[Any]:
     they are: not a peft model, no active LoRA adapter, quantized base weights (4/8-bit: folding would re-quantize),
     or modules_to_save (their trained copies are bypassed when the adapter layers are off).
     """
+    from peft import PeftType
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if hasattr(model, "peft_config") else []
     active = getattr(model, "active_adapter", None)
     config = model.peft_config.get(active) if layers and isinstance(active, str) else None
-    foldable = (config is not None and getattr(config, "peft_type", None) is not None
-                and str(config.peft_type.value) == "LORA" and not getattr(config, "modules_to_save", None)
-                and not getattr(model, "_adapters_disabled", False)
+    foldable = (config is not None and config.peft_type == PeftType.LORA
+                and not getattr(config, "modules_to_save", None)
+                and not any(m.disable_adapters for m in layers)  # the base alone is being sampled
                 and all(m.get_base_layer().weight.dtype.is_floating_point for m in layers))
     if not foldable:
         yield model
         return
-    targets = [m for m in layers if active in m.lora_A]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     backups = []
     try:
         with torch.no_grad():
-            for layer in targets:
+            for layer in (m for m in layers if active in m.lora_A):
                 weight = layer.get_base_layer().weight
                 backups.append((weight, weight.detach().clone()))
                 weight.add_(layer.get_delta_weight(active).to(weight.dtype))
-        with model.disable_adapter():
+        with adapters_off(model):
             yield model
     finally:
         with torch.no_grad():
             for weight, backup in backups:
                 weight.copy_(backup)
-        # peft's disable_adapter re-enables the adapter layers by marking every adapter's parameters trainable.
-        for parameter, requires_grad in flags:
-            parameter.requires_grad_(requires_grad)
 
 
 # --- samples ----------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _model_args(gen)
     _prompt_args(gen)
     gen.add_argument("--scorer", help="a gold scorer: a name (vader) or a YAML spec, e.g. "
-                     "'{scorer: length, unit: words}' (see reward_model/scorers.py)")
+                     "'{scorer: length, unit: words}' (see preferences/scorers.py)")
     gen.add_argument("--reward-model", help="a saved reward model: RUN_DIR:STAGE of a reward_model stage, or its "
                      "reward_model directory")
     gen.add_argument("--reference", help="a model (M) to estimate KL(model || reference) against")
@@ -228,7 +228,7 @@ def gen_command(args: argparse.Namespace) -> None:
     import yaml
 
     from eval.stage import ModelPool, evaluate_models
-    from reward_model.scorers import build_scorer
+    from preferences.scorers import build_scorer
 
     scorer = build_scorer(yaml.safe_load(args.scorer), "--scorer", "command line") if args.scorer else None
     reward_model = reward_model_source(args.reward_model, args.dtype) if args.reward_model else None
@@ -248,8 +248,8 @@ def gen_command(args: argparse.Namespace) -> None:
 
 
 def judge_command(args: argparse.Namespace) -> None:
-    from eval.judge import judge_config_from_dict
     from eval.stage import ModelPool, evaluate_models, judge_samples
+    from judge import judge_config_from_dict
 
     if args.judge == "http" and not (args.base_url and args.judge_model):
         raise InputError("alignlab judge --judge http needs --base-url (an OpenAI-compatible endpoint, e.g. "

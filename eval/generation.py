@@ -6,7 +6,7 @@ the same job, so differences between models are not differences of luck. Prompts
 template (`common.sampling.encode_prompts`); scorers and judges read them as `common.sampling.scorer_text`.
 
 What is measured, per completion and then per model:
-- gold reward: a gold scorer (`reward_model.scorers`), e.g. VADER sentiment of the completion;
+- gold reward: a gold scorer (`preferences.scorers`), e.g. VADER sentiment of the completion;
 - learned reward: a reward model saved by a reward_model stage (`reward_model.api.RewardModel`);
 - KL(policy || reference), estimated from the samples: for a completion y ~ pi(.|x), sum over its tokens of
   log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t) (the "k1" estimator, unbiased for the sequence KL because y is

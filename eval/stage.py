@@ -9,11 +9,11 @@ eval:
     samples_per_prompt: 4
     max_new_tokens: 64
     temperature: 1.0
-    scorer: vader                 # a gold scorer (reward_model.scorers); null = none
+    scorer: vader                 # a gold scorer (preferences.scorers); null = none
     reward_model: rm              # a reward_model stage scores every completion too; null = none
     reference: sft                # KL(model || reference) from the samples; null = none
   mc: {data: {path: ../../data/mc}, shots: 0, mode: letter, chat_template: false}
-  judge: {baseline: sft}          # + any judge key (eval.judge.config); the local judge is the base model
+  judge: {baseline: sft}          # + any judge key (judge.config); the local judge is the base model
 ```
 
 Outputs (the report reads these names):
@@ -44,6 +44,7 @@ from typing import Any, Literal
 import torch
 from accelerate import PartialState
 
+from common.adapters import using
 from common.config import DataSpec, ModelConfig, Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
@@ -52,6 +53,7 @@ from common.sampling import DEFAULT_TOKEN_BUDGET, Prompt, Samples, encode_prompt
 from common.schema import to_dict, unknown_key_error
 from common.tracking import Tracker
 from eval.generation import SamplingSettings, kl_to_reference, sample_model, sample_rows, summarize
+from judge import JudgeConfig, Pair, evaluate_pairs, with_paths
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,17 @@ class GenerationBlock:
     max_new_tokens: int = 64
     temperature: float = 1.0
     token_budget: int = DEFAULT_TOKEN_BUDGET  # a sampling batch's rows x (prompt + max_new_tokens)
-    scorer: Any = None               # a gold scorer spec (reward_model.scorers), e.g. vader
+    scorer: Any = None               # a gold scorer spec (preferences.scorers), e.g. vader
     reward_model: str | None = None  # a reward_model stage
     reference: str | None = None     # a model name (base or a stage) for KL(model || reference)
+
+
+@dataclass
+class EvalJudge(JudgeConfig):
+    """A judge block (judge.config: backend, local / http, templates, cache, ...) plus the model every other model
+    is compared with. A local judge without a model is the recipe's base model."""
+
+    baseline: str = field(kw_only=True)
 
 
 @dataclass
@@ -104,8 +114,7 @@ class EvalStage(StageConfig):
     models: list[str] = field(default_factory=lambda: [BASE])
     generation: GenerationBlock | None = None
     mc: MCBlock | None = None
-    # The judge section of eval.judge.config (backend, local / http, templates, cache, ...) plus `baseline`.
-    judge: dict[str, Any] | None = None
+    judge: EvalJudge | None = None
 
     def references(self) -> list[str]:
         refs = self.group_references()
@@ -174,7 +183,7 @@ class RewardModelSource:
 class GenerationPlan:
     prompts: list[Prompt]
     settings: SamplingSettings
-    scorer: Any = None  # a reward_model.scorers.Scorer
+    scorer: Any = None  # a preferences.scorers.Scorer
     reward_model: RewardModelSource | None = None
     reference: str | None = None
 
@@ -191,7 +200,7 @@ class MCPlan:
 
 @dataclass
 class JudgePlan:
-    config: Any  # eval.judge.JudgeConfig
+    config: JudgeConfig
     baseline: str
 
 
@@ -217,7 +226,7 @@ def check_sampling(settings: SamplingSettings, label: Callable[[str], str]) -> N
 def generation_plan(block: GenerationBlock, recipe: Recipe, where: str,
                     ctx: StageContext | None = None) -> GenerationPlan:
     """Check the generation block; with a run context (at run time) also locate the reward model's directory."""
-    from reward_model.scorers import build_scorer
+    from preferences.scorers import build_scorer
 
     settings = SamplingSettings(block.samples_per_prompt, block.max_new_tokens, block.temperature,
                                 block.token_budget, recipe.seed)
@@ -275,26 +284,16 @@ def mc_plan(block: MCBlock, recipe: Recipe, where: str, check_only: bool = False
     return MCPlan(questions, dev, block.shots, block.mode, block.chat_template, block.batch_size)
 
 
-def judge_plan(block: dict[str, Any], recipe: Recipe, where: str, names: Sequence[str]) -> JudgePlan:
+def judge_plan(block: EvalJudge, recipe: Recipe, where: str, names: Sequence[str]) -> JudgePlan:
     """The judge config with the lab's defaults: a local judge is the recipe's base model unless it names one;
     template and cache paths are relative to the recipe."""
-    from eval.judge import judge_config_from_dict
-
-    block = dict(block)
-    baseline = block.pop("baseline", None)
-    if not isinstance(baseline, str):
-        raise InputError(f"recipe: {where}.baseline is required: the model every other model is compared with, "
-                         f"one of {', '.join(names)}")
-    if baseline not in names:
-        raise InputError(f"recipe: {where}.baseline '{baseline}' is not among the models evaluated "
+    if block.baseline not in names:
+        raise InputError(f"recipe: {where}.baseline '{block.baseline}' is not among the models evaluated "
                          f"({', '.join(names)}); add it to models or choose one of them")
-    local = block.get("local")
-    if block.setdefault("backend", "local") == "local" and (local is None or isinstance(local, dict)):
-        block["local"] = {"model": recipe.model.base} | (local or {})
-    for key in ("pairwise_template", "single_template", "reference_template", "cache"):
-        if isinstance(block.get(key), str):
-            block[key] = str(recipe.resolve_path(block[key]))
-    return JudgePlan(judge_config_from_dict(block, where), baseline)
+    config = with_paths(block, recipe.resolve_path, where)
+    if config.backend == "local" and config.local.model is None:
+        config = dataclasses.replace(config, local=dataclasses.replace(config.local, model=recipe.model.base))
+    return JudgePlan(config, block.baseline)
 
 
 # --- models ------------------------------------------------------------------------------------------
@@ -328,7 +327,7 @@ def eval_device() -> torch.device:
 
 class ModelPool:
     """Holds one base model at a time, with every adapter on that base loaded as a named peft adapter; switching
-    between them is `set_adapter` (or `disable_adapter` for the base itself), never a second copy of the base.
+    between them is `common.adapters.using` (adapters off for the base itself), never a second copy of the base.
     Sources on other bases (another model, a fully fine-tuned stage) replace the loaded one when they are used."""
 
     def __init__(self, sources: Sequence[ModelSource]):
@@ -374,12 +373,8 @@ class ModelPool:
         if key != self._key:
             self._load(key, source.model)
         model = self._model
-        if source.adapter is not None:
-            model.set_adapter(self._adapters[name], inference_mode=True)
-            context = contextlib.nullcontext()
-        else:
-            context = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-        with context:
+        adapter = self._adapters[name] if source.adapter is not None else None  # None: the base, adapters off
+        with using(model, adapter) if isinstance(model, PeftModel) else contextlib.nullcontext():
             yield model, self._tokenizer
 
     def close(self) -> None:
@@ -481,10 +476,9 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
     return results
 
 
-def judge_samples(config: Any, rows_a: Sequence[dict], rows_b: Sequence[dict], vs: str) -> dict[str, Any]:
+def judge_samples(config: JudgeConfig, rows_a: Sequence[dict], rows_b: Sequence[dict], vs: str) -> dict[str, Any]:
     """Pairwise win rate of answers a against answers b (samples.jsonl rows), paired by prompt and sample number;
     the judge entry of results.json."""
-    from eval.judge import Pair, evaluate_pairs
 
     def key(row: dict) -> str:
         return json.dumps([row["prompt"], row.get("sample", 0)], sort_keys=True)

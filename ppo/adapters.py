@@ -12,9 +12,9 @@
 The base weights are loaded once (4-bit works too: QLoRA-PPO); a role is a different active adapter, never a
 second copy of the model. Only the policy and value adapters and the value head are trainable.
 
-peft rewrites every adapter's `requires_grad` when the active adapter changes (`set_adapter`) or adapters are
-switched back on (`disable_adapter`), so `_activate` restores the trainable set after each switch: a forward
-with the reference active must not make it trainable, nor freeze the value adapter.
+What trains is chosen once, here (`common.adapters.set_trainable`), and every role switch goes through
+`common.adapters`, which keeps it: a forward with the reference active must not make it trainable, nor freeze the
+value adapter.
 
 Each method activates the adapter it needs and leaves it active. With gradient checkpointing the backward pass
 recomputes each layer's forward pass with whichever adapter is active at that time, so a role's loss must be
@@ -23,9 +23,7 @@ backpropagated before another role's forward pass runs (ppo.trainer does the pol
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from trl.trainer.utils import disable_dropout_in_model
 
+from common.adapters import activate, adapters_off, set_trainable
 from common.config import ModelConfig
 from common.generation import position_ids, response_logprobs
 from common.models import ResolvedModel, load_base_model, lora_config
@@ -82,7 +81,8 @@ class OneBaseModel:
         for module in self.peft.modules():
             if getattr(module, "support_avx512bf16_for_cpu", False):
                 module.support_avx512bf16_for_cpu = False
-        self._activate(POLICY)
+        set_trainable(self.peft, self.trainable_adapters)
+        activate(self.peft, POLICY)
 
     @classmethod
     def build(cls, cfg: ModelConfig, resolved: ResolvedModel, init_adapter: Path | None, value_model: str,
@@ -101,7 +101,7 @@ class OneBaseModel:
         if value_model == "separate" and value_from is None:
             peft_model.add_adapter(VALUE, lora_config(cfg.lora))
         elif value_model == "separate":
-            # attach() loads the reward LoRA (frozen) under the name given; `_activate` makes it trainable.
+            # attach() loads the reward LoRA (frozen) under the name given; __init__ makes it trainable.
             RewardModel.attach(peft_model, value_from, adapter_name=VALUE)
         model = cls(peft_model, value_model, has_reference_adapter=init_adapter is not None)
         if value_from is not None:
@@ -112,22 +112,9 @@ class OneBaseModel:
         return model
 
     # --- roles --------------------------------------------------------------------------------------------------
-    def _activate(self, adapter: str) -> None:
-        # Every time, not only on a change: attaching an adapter (the reward model's) also rewrites the flags.
-        self.peft.set_adapter(adapter, inference_mode=True)  # freezes every adapter ...
-        self.peft.set_requires_grad(self.trainable_adapters, True)  # ... so re-open the trainable ones
-
-    @contextlib.contextmanager
-    def _base_only(self) -> Iterator[None]:
-        try:
-            with self.peft.disable_adapter():
-                yield
-        finally:
-            self._activate(POLICY)  # leaving the context re-enabled the adapters and reset their flags
-
     def sample(self, tokenizer: Any, prompts: list[list[int]], params: SamplingParams) -> Samples:
         """Sample from the policy with the one sampler (`common.sampling`: its adapter folded in for the call)."""
-        self._activate(POLICY)
+        activate(self.peft, POLICY)
         return Sampler(self.peft, tokenizer, progress=False).sample(prompts, params)
 
     def policy_forward(self, ids: Tensor, mask: Tensor, start: int, temperature: float,
@@ -138,7 +125,7 @@ class OneBaseModel:
         (the last hidden state at the positions that predict response tokens) also feeds the value head. With
         value_model: separate, `values` is None here: call `values()` (a second pass, with the value adapter).
         """
-        self._activate(POLICY)
+        activate(self.peft, POLICY)
         if self.value_model == "separate":
             out = response_logprobs(self.peft, ids, mask, start, temperature, return_entropy=with_entropy)
             return PolicyOutput(out.logprobs, out.entropy, None)
@@ -156,7 +143,7 @@ class OneBaseModel:
 
     def values(self, ids: Tensor, mask: Tensor, start: int) -> Tensor:
         """V(s_t) from the separate value adapter: its trunk's last hidden state, no LM head."""
-        self._activate(VALUE)
+        activate(self.peft, VALUE)
         hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
                                        use_cache=False).last_hidden_state
         return self._head(hidden[:, start - 1:-1], mask[:, start:])
@@ -170,14 +157,13 @@ class OneBaseModel:
     def reference_logprobs(self, ids: Tensor, mask: Tensor, start: int, temperature: float) -> Tensor:
         """log pi_ref of the response tokens: the frozen reference adapter, or the base with adapters off."""
         if self.has_reference_adapter:
-            self._activate(REFERENCE)
+            activate(self.peft, REFERENCE)
             return response_logprobs(self.peft, ids, mask, start, temperature).logprobs
-        with self._base_only():
+        with adapters_off(self.peft):
             return response_logprobs(self.peft, ids, mask, start, temperature).logprobs
 
     # --- training state -----------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        self._activate(POLICY)
         return [p for p in self.peft.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
     def train(self) -> None:

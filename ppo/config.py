@@ -4,7 +4,7 @@
       kind: ppo
       from: sft                      # the policy starts as this stage's adapter, which is also the frozen reference
       data: {path: ../../data/sentiment/prompts_train.jsonl, test_size: 0}
-      reward: {scorer: vader}        # a gold scorer spec (reward_model.scorers), or {stage: rm}: a reward-model stage
+      reward: {scorer: vader}        # a gold scorer spec (preferences.scorers), or {stage: rm}: a reward-model stage
       args: {max_steps: 40, rollout_batch_size: 16, kl_coef: 0.05}
 
 Without `from:` the policy is a fresh LoRA and the reference is the base model with adapters disabled. Only the
@@ -116,7 +116,7 @@ class PPOArgs:
 @dataclass
 class PPOStage(StageConfig):
     # `{stage: NAME}`: the reward-model stage NAME scores responses. Anything else is a gold scorer spec, checked
-    # by reward_model.scorers.build_scorer: {scorer: vader}, {scorer: regex, pattern: "!", cap: 3}, {sum: [...]}.
+    # by preferences.scorers.build_scorer: {scorer: vader}, {scorer: regex, pattern: "!", cap: 3}, {sum: [...]}.
     reward: dict[str, Any] | None = None
     args: PPOArgs = field(default_factory=PPOArgs)
 
@@ -142,7 +142,7 @@ class PPOStage(StageConfig):
             if self.args.value_init == "reward":
                 raise InputError(f"recipe: {where}.args.value_init: reward copies a reward model, but the reward is "
                                  "a gold scorer; use value_init: fresh, or reward: {stage: NAME}")
-            from reward_model.scorers import build_scorer
+            from preferences.scorers import build_scorer
 
             build_scorer(self.reward, f"{where}.reward", str(recipe.source))
         else:

@@ -32,7 +32,7 @@ def build_reward(cfg: PPOStage, ctx: StageContext, model: OneBaseModel) -> Rewar
     """A gold scorer, or the reward-model stage's adapter and head attached to the policy's base (one more frozen
     adapter: no second copy of the model), scoring at the response's last token."""
     if cfg.reward_stage is None:
-        from reward_model.scorers import build_scorer
+        from preferences.scorers import build_scorer
 
         scorer = build_scorer(cfg.reward, f"stages.{ctx.name}.reward", str(ctx.recipe.source))
         return lambda prompts, completions: scorer.score([scorer_text(p) for p in prompts], completions)

@@ -13,7 +13,7 @@ from common.runs import StageContext, StageResult
 from dpo import stage as dpo_stage
 from eval import stage as eval_stage
 from ppo import stage as ppo_stage
-from reward_model import preferences_stage
+from preferences import stage as preferences_stage
 from reward_model import stage as reward_model_stage
 from sft import stage as sft_stage
 

@@ -28,10 +28,9 @@ such pairs from training, so they are out of distribution either way and a warni
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer
 
+from common.adapters import kept_requires_grad, using
 from common.config import ModelConfig
 from common.errors import InputError
 from common.generation import position_ids
@@ -64,28 +64,6 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 def keep_last(ids: list[int], max_length: int | None) -> list[int]:
     return ids if max_length is None or len(ids) <= max_length else ids[-max_length:]
-
-
-@contextlib.contextmanager
-def active_adapter(model: Any, name: str) -> Iterator[None]:
-    """Run `model` (a PeftModel) with adapter `name` active, frozen and in eval mode; afterwards the previous adapter
-    is active again and every parameter's requires_grad and every module's train/eval flag are as they were.
-
-    peft's `set_adapter` also changes which adapters train (it freezes the others), hence the snapshot.
-    """
-    previous = model.active_adapter
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.set_adapter(name, inference_mode=True)
-    model.eval()
-    try:
-        yield
-    finally:
-        model.set_adapter(previous)
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, flag in modes:
-            m.training = flag
 
 
 class RewardModel:
@@ -142,7 +120,8 @@ class RewardModel:
         config.modules_to_save = None
         config.inference_mode = True
         config.lora_dropout = 0.0
-        peft_model.add_adapter(adapter_name, config)
+        with kept_requires_grad(peft_model):  # the new adapter is frozen (inference_mode); the others as they were
+            peft_model.add_adapter(adapter_name, config)
         weights = {k: v for k, v in load_peft_weights(str(directory)).items() if f".{HEAD}." not in k}
         loaded = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
         misfit = loaded.unexpected_keys + [k for k in loaded.missing_keys if f".{adapter_name}." in k]
@@ -160,7 +139,7 @@ class RewardModel:
         trunk = peft_model.get_base_model().base_model
 
         def forward(ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
-            with active_adapter(peft_model, adapter_name):
+            with using(peft_model, adapter_name):
                 hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=positions,
                                use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(ids), device=hidden.device), last_token_index(mask)]

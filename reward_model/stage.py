@@ -51,15 +51,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 from trl import RewardConfig, RewardTrainer
 
-from common.config import ModelConfig, Recipe, StageConfig
+from common.agreement import gold_agreement, gold_agreement_by_gap
+from common.config import ModelConfig, Recipe, StageConfig, check_policy_source
 from common.data import Splits, load_splits
 from common.errors import InputError
 from common.models import ResolvedModel, load_base_model, load_tokenizer, lora_config, resolve_model
 from common.runs import StageContext, StageResult, atomic_write_json, train_and_evaluate
 from common.tracking import MetricsCallback, Tracker
-from reward_model.agreement import gold_agreement, gold_agreement_by_gap
 from reward_model.api import HEAD, HEAD_FILE, INFO_FILE, RewardModel
-from reward_model.preferences_stage import check_policy_source
 
 log = logging.getLogger(__name__)
 

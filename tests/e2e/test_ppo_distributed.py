@@ -62,8 +62,8 @@ def worker(out: Path, recipe: Path) -> None:
     from ppo.adapters import OneBaseModel
     from ppo.advantages import whiten
     from ppo.trainer import global_whiten
+    from preferences.scorers import build_scorer
     from recipes.runner import RunOptions, process_state, run_recipe
-    from reward_model.scorers import build_scorer
     from tests.stages.test_ppo_adapters import MODEL, make_trainer
     from tests.stages.test_ppo_training import LETTERS
 

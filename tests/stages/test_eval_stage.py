@@ -114,6 +114,8 @@ def bad(case: str, eval_recipe) -> tuple:
         changes["models"] = ["base", "sftt"]
     elif case == "baseline not evaluated":
         changes["judge"] = {"baseline": "dpo"}
+    elif case == "judge key":
+        changes["judge"] = {"baseline": "sft", "cahce": "judge.sqlite"}
     elif case == "prompt missing":
         prompts[1] = {"text": "no prompt here"}
     elif case == "bad scorer":
@@ -129,6 +131,8 @@ CASES = {
     "missing column": "mc.jsonl, line 3: missing column(s) 'answer'",
     "unknown model": "unknown key 'sftt' at stages.eval",
     "baseline not evaluated": "stages.eval.judge.baseline 'dpo' is not among the models evaluated (base, sft)",
+    # A judge key is read as every other key is: the same one-line "did you mean" as the models' typo above.
+    "judge key": "unknown key 'cahce' at stages.eval.judge; did you mean 'cache'? valid keys: ",
     "prompt missing": "prompts.jsonl: row 2, field 'prompt' is missing",
     "bad scorer": "stages.eval.generation.scorer",
     "eval of an eval": "stages.eval2.models: 'eval' is an eval stage, which trains no model",

@@ -19,7 +19,7 @@ import requests
 
 from common.errors import InputError
 from common.tiny import build_tiny_tokenizer, save_tiny_model
-from eval.judge import (
+from judge import (
     PAIRWISE_LABELS,
     JudgeCache,
     Pair,
@@ -28,8 +28,8 @@ from eval.judge import (
     judge_pairs,
     summarize_pairwise,
 )
-from eval.judge.config import build_judge
-from eval.judge.http_judge import HTTPJudge, JudgeRequestError
+from judge.config import build_judge
+from judge.http_judge import HTTPJudge, JudgeRequestError
 
 KEY_ENV = "ALIGNLAB_TEST_JUDGE_KEY"
 

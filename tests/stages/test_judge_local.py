@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
-from eval.judge import (
+from judge import (
     PAIRWISE_LABELS,
     SCORE_LABELS,
     JudgeCache,
@@ -17,7 +17,7 @@ from eval.judge import (
     judge_label_pairs,
     judge_pairs,
 )
-from eval.judge.local import LocalJudge
+from judge.local import LocalJudge
 
 PAIRS = [
     Pair("What is 2 + 2?", "4", "5"),

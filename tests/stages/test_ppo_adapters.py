@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from peft import PeftModel, get_peft_model
 
+from common.adapters import adapters_off
 from common.config import LoraSpec, ModelConfig
 from common.generation import response_logprobs
 from common.models import load_base_model, load_tokenizer, lora_config, resolve_model
@@ -20,7 +21,7 @@ from common.tracking import Tracker
 from ppo.adapters import POLICY, REFERENCE, VALUE, OneBaseModel
 from ppo.config import PPOArgs
 from ppo.trainer import PPOTrainer, rollout_prompts
-from reward_model.scorers import build_scorer
+from preferences.scorers import build_scorer
 from tests.stages.test_ppo_training import FAST_ARGS, LETTERS, TOPICS, one_thread  # noqa: F401 - a fixture
 
 MODEL = ModelConfig(base="tiny-random-llama", dtype="float32", lora=LoraSpec(r=4, alpha=8, dropout=0.0))
@@ -78,7 +79,7 @@ def test_roles_after_ppo_steps(sft_adapter, tmp_path, value_model):
     with torch.no_grad():
         ref_before = model.reference_logprobs(ids, mask, start, 1.0)
         policy_before = model.policy_forward(ids, mask, start, 1.0).logprobs
-        with model._base_only():
+        with adapters_off(model.peft):
             base_logprobs = response_logprobs(model.peft, ids, mask, start, 1.0).logprobs
     # The policy starts as the SFT adapter, which is the reference; the base itself differs from both.
     assert torch.equal(policy_before, ref_before)

@@ -17,9 +17,9 @@ from common.models import load_base_model, resolve_model
 from common.sampling import Sampler, SamplingParams, encode_prompts
 from common.tracking import read_metrics
 from ppo.adapters import OneBaseModel
+from preferences.scorers import build_scorer
 from recipes.runner import RunOptions, run_recipe
 from reward_model.api import HEAD_FILE, RewardModel
-from reward_model.scorers import build_scorer
 from tests.conftest import sft_rows, write_jsonl
 from tests.stages.test_reward_model import marker_pairs
 

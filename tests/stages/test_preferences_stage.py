@@ -14,9 +14,9 @@ import yaml
 from common.config import DataSpec
 from common.data import load_splits
 from common.errors import InputError
+from preferences.pairs import pair_indices
 from recipes.cli import main
 from recipes.runner import RunOptions, run_recipe
-from reward_model.pairs import pair_indices
 from tests.conftest import write_jsonl
 from tests.stages.test_judge_http import ScriptedServer
 
@@ -153,7 +153,7 @@ CASES = {
     "judge model": ({"labeller": {"kind": "judge", "judge": {"backend": "local", "local": {"model": "nope"}}}},
                     "stages.prefs.labeller.judge.local.model:"),
     "judge key": ({"labeller": {"kind": "judge", "judge": {"backend": "local", "lokal": {}}}},
-                  "stages.prefs.labeller.judge.lokal: unknown key"),
+                  "unknown key 'lokal' at stages.prefs.labeller.judge; did you mean 'local'? valid keys: "),
     "noise": ({"noise": 1.5}, "stages.prefs.noise: expected a flip probability in [0, 1], got 1.5"),
     "from with a dataset": ({"source": "dataset", "from": "other"}, "stages.prefs.from names a policy"),
     "from a data stage": ({"from": "other"}, "stages.prefs.from: 'other' is a preferences stage"),

@@ -1,11 +1,11 @@
-"""eval.judge.stats on hand-made verdicts and on synthetic data with a known length effect."""
+"""judge.stats on hand-made verdicts and on synthetic data with a known length effect."""
 
 import math
 
 import numpy as np
 import pytest
 
-from eval.judge import stats
+from judge import stats
 
 
 def test_counts_and_win_rate_by_hand():

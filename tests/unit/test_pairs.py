@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.errors import InputError
-from reward_model.pairs import check_pair_options, flip_mask, form_pairs, pair_indices, split_train_test
+from preferences.pairs import check_pair_options, flip_mask, form_pairs, pair_indices, split_train_test
 
 
 def group(scores, completions=None, prompt="p", **provenance):

@@ -9,9 +9,9 @@ import datasets
 import pytest
 import torch
 
-from reward_model.agreement import gold_agreement, gold_agreement_by_gap
+from common.agreement import gold_agreement, gold_agreement_by_gap
+from preferences.stage import flip_label, label_stats
 from reward_model.api import keep_last, last_token_index
-from reward_model.preferences_stage import flip_label, label_stats
 from reward_model.stage import gold_gap_margins, with_margin
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from common.errors import InputError
-from reward_model.scorers import (
+from preferences.scorers import (
     KeywordsScorer,
     LengthScorer,
     RegexScorer,

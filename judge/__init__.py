@@ -27,6 +27,7 @@ from .config import (
     build_templates,
     judge_config_from_dict,
     open_cache,
+    with_paths,
 )
 from .evaluate import evaluate_grades, evaluate_pairs
 from .pairs import load_pairs
@@ -53,7 +54,7 @@ __all__ = [
     "PairJudgement", "RawAnswer", "build_judge", "build_templates", "cache_key", "combine_orders",
     "evaluate_grades", "evaluate_pairs", "grade_answers", "judge_config_from_dict", "judge_label_pairs",
     "judge_pairs", "load_pairs", "load_template", "open_cache", "parse_label", "summarize_pairwise",
-    "summarize_scores",
+    "summarize_scores", "with_paths",
 ]
 
 

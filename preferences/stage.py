@@ -6,7 +6,7 @@ prefs:
   from: sft                     # the policy to sample from (that stage's adapter); no `from` = the base model
   source: policy                # policy (sample and label) | dataset (an existing preference dataset)
   data: {path: prompts.jsonl, test_size: 0.1}    # prompts, or with source: dataset, preference pairs
-  scorer: vader                 # the gold scorer (reward_model.scorers); required with source: policy
+  scorer: vader                 # the gold scorer (preferences.scorers); required with source: policy
   labeller: {kind: gold}        # gold (order by the gold score) | judge (an LLM judge, see below)
   samples_per_prompt: 4         # K
   max_new_tokens: 48
@@ -19,14 +19,14 @@ prefs:
 
 `source: policy`: every prompt (text, read as one user message, or chat messages) gets K completions sampled with
 the policy's chat template (`common.sampling`), each scored by the gold scorer, and pairs are formed by score
-(`reward_model.pairs.form_pairs`: identical or blank completions and gold ties never make a pair), ordered by gold.
+(`preferences.pairs.form_pairs`: identical or blank completions and gold ties never make a pair), ordered by gold.
 `source: dataset`: the pairs of `data` (a local file, a hub dataset or another stage; chat, text or Anthropic-HH
 records, normalised by `common.data`) keep their labels; with a `scorer` both completions are scored, so that
 agreement with the gold scorer is known.
 
-Labeller `judge` (`labeller: {kind: judge, judge: {backend: local, local: {model: DIR}}}`, the eval.judge section;
+Labeller `judge` (`labeller: {kind: judge, judge: {backend: local, local: {model: DIR}}}`, the judge section;
 relative paths are relative to the recipe): each pair is shown to the judge in both orders
-(`eval.judge.judge_label_pairs`); it keeps or swaps the pair's order, and a pair it ties or judges inconsistently
+(`judge.judge_label_pairs`); it keeps or swaps the pair's order, and a pair it ties or judges inconsistently
 across the two orders is dropped (`labels/judge_undecided`). Each kept pair records `judge_prob`, the judge's
 order-averaged probability for its choice.
 
@@ -75,7 +75,8 @@ import numpy as np
 from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 
-from common.config import Recipe, StageConfig
+from common.agreement import gold_agreement
+from common.config import Recipe, StageConfig, check_policy_source
 from common.data import Splits, load_splits
 from common.errors import InputError
 from common.models import load_for_inference, load_tokenizer, resolve_model
@@ -92,10 +93,9 @@ from common.sampling import (
 )
 from common.schema import to_dict
 from common.tracking import Tracker
-from eval.judge import build_judge, build_templates, judge_config_from_dict, judge_label_pairs, open_cache
-from reward_model.agreement import gold_agreement
-from reward_model.pairs import check_pair_options, flip_mask, form_pairs, split_train_test
-from reward_model.scorers import Scorer, build_scorer
+from judge import JudgeConfig, build_judge, build_templates, judge_label_pairs, open_cache, with_paths
+from preferences.pairs import check_pair_options, flip_mask, form_pairs, split_train_test
+from preferences.scorers import Scorer, build_scorer
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,10 @@ SHAPE = {"policy": "prompt", "dataset": "preference"}
 
 @dataclass
 class LabellerSpec:
-    """Who orders each pair: the gold scorer, or an LLM judge (`judge:` is the eval.judge section)."""
+    """Who orders each pair: the gold scorer, or an LLM judge (`judge:` is a judge block, judge.config)."""
 
     kind: Literal["gold", "judge"] = "gold"
-    judge: dict[str, Any] | None = None
+    judge: JudgeConfig | None = None
 
 
 @dataclass
@@ -158,10 +158,7 @@ class PreferencesStage(StageConfig):
         if self.labeller.judge is None:
             raise InputError(f"recipe: {where}.labeller: kind judge needs a judge block, e.g. judge: {{backend: "
                              "local, local: {model: path/to/model}}")
-        cfg = judge_config(self.labeller.judge, recipe, f"recipe: {where}.labeller.judge")
-        if cfg.local is not None and not Path(cfg.local.model).is_dir():
-            raise InputError(f"recipe: {where}.labeller.judge.local.model: {cfg.local.model} is not a directory; "
-                             "give a local model directory (relative paths are relative to the recipe)")
+        judge_config(self.labeller.judge, recipe, f"{where}.labeller.judge")
 
     def _check_sampling(self, where: str) -> None:
         for key, minimum in (("samples_per_prompt", 2), ("max_new_tokens", 1), ("token_budget", 1)):
@@ -173,14 +170,6 @@ class PreferencesStage(StageConfig):
         if self.top_k < 0 or not 0 < self.top_p <= 1:
             raise InputError(f"recipe: {where}: expected top_k >= 0 and 0 < top_p <= 1, got top_k {self.top_k}, "
                              f"top_p {self.top_p}")
-
-
-def check_policy_source(recipe: Recipe, from_: str | None, where: str) -> None:
-    """`from` must name a stage that saves a model (sft, dpo, ppo), not one that saves data or a reward model."""
-    kind = recipe.stages[from_].kind if from_ else None
-    if kind in ("preferences", "reward_model"):
-        raise InputError(f"recipe: {where}.from: '{from_}' is a {kind} stage, which saves no policy adapter; name the "
-                         "stage whose adapter to start from (e.g. sft)")
 
 
 def train(cfg: PreferencesStage, ctx: StageContext) -> StageResult:
@@ -341,22 +330,19 @@ def dataset_pairs(splits: Splits, scorer: Scorer | None) -> tuple[list[list[dict
 
 # --- labeller: judge ----------------------------------------------------------------------------------
 
-JUDGE_PATHS = (("local", "model"), ("pairwise_template",), ("single_template",), ("reference_template",), ("cache",))
+def judge_config(cfg: JudgeConfig, recipe: Recipe, where: str) -> JudgeConfig:
+    """The labeller's judge with its paths (a local judge's model directory too) relative to the recipe."""
+    cfg = with_paths(cfg, recipe.resolve_path, where)
+    if cfg.backend == "http":
+        return cfg
+    model = cfg.local.model
+    if model is None or not recipe.resolve_path(model).is_dir():
+        raise InputError(f"recipe: {where}.local.model: {model} is not a directory; give a local model directory "
+                         "(relative paths are relative to the recipe)")
+    return dataclasses.replace(cfg, local=dataclasses.replace(cfg.local, model=str(recipe.resolve_path(model))))
 
 
-def judge_config(spec: dict[str, Any], recipe: Recipe, where: str):
-    """The eval.judge config of `spec`, with its relative paths made relative to the recipe."""
-    spec = json.loads(json.dumps(spec))  # a deep copy, so the recipe keeps what the user wrote
-    for keys in JUDGE_PATHS:
-        node = spec
-        for key in keys[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
-            node[keys[-1]] = str(recipe.resolve_path(node[keys[-1]]))
-    return judge_config_from_dict(spec, where)
-
-
-def judge_order(spec: dict[str, Any], recipe: Recipe, sides: list[list[dict]],
+def judge_order(spec: JudgeConfig, recipe: Recipe, sides: list[list[dict]],
                 where: str) -> tuple[list[list[dict]], int]:
     """Let the judge keep or swap each pair; drop the pairs it leaves undecided. Returns the sides and how many
     were dropped."""

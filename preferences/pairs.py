@@ -4,7 +4,7 @@ Input: one group per prompt, a mapping
 
     {"prompt": str, "completions": [str, ...K], "scores": [float, ...K], **provenance}
 
-where `scores` are gold-scorer scores (see `reward_model.scorers`) and any other key (`prompt_id`,
+where `scores` are gold-scorer scores (see `preferences.scorers`) and any other key (`prompt_id`,
 `sampler`, ...) is provenance, copied unchanged into every record made from that group.
 
 Output: one record per pair,

@@ -1,4 +1,5 @@
-"""The `judge` recipe section, key for key, and building a judge from it.
+"""The `judge` block of a recipe (an eval stage's `judge:`, a preferences stage's `labeller.judge:`), typed key for
+key and read by `common.schema` like every other block, and building a judge from it.
 
 ```yaml
 judge:
@@ -7,7 +8,7 @@ judge:
     base_url: http://127.0.0.1:8000/v1
     model: my-judge
     api_key_env: JUDGE_API_KEY  # the variable's NAME; the key itself never goes in a recipe
-  pairwise_template: prompts/my_pairwise.j2   # optional; defaults in eval/judge/templates/
+  pairwise_template: prompts/my_pairwise.j2   # optional; defaults in judge/templates/
   cache: runs/judge-cache.sqlite
 ```
 """
@@ -15,22 +16,25 @@ judge:
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from common.errors import InputError
+from common.schema import build
 
 from .base import Judge
 from .cache import JudgeCache
 from .templates import JudgeTemplate, load_template
 
+TEMPLATE_KEYS = ("pairwise_template", "single_template", "reference_template")
+
 
 @dataclass
 class LocalJudgeConfig:
-    model: str                      # a local model directory
+    model: str | None = None        # a model directory (an alias too, in the eval stage); None = the context's
+                                    # default: the eval stage judges with the recipe's base model
     gguf_file: str | None = None    # a GGUF file inside `model` (dequantised on load)
     batch_size: int = 8
     dtype: str = "auto"
@@ -54,8 +58,8 @@ class HTTPJudgeConfig:
 
 @dataclass
 class JudgeConfig:
-    backend: str = "local"          # "local" or "http"
-    local: LocalJudgeConfig | None = None
+    backend: Literal["local", "http"] = "local"
+    local: LocalJudgeConfig | None = None  # backend local without a block: every default
     http: HTTPJudgeConfig | None = None
     system_prompt: str | None = None
     pairwise_template: str | None = None   # file paths; None = the project's defaults
@@ -66,63 +70,31 @@ class JudgeConfig:
     confidence: float = 0.95
     seed: int = 0
 
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(value, option, where)
-            except InputError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if dataclasses.is_dataclass(hint):
-        return _from_dict(hint, value, where)
-    expected = origin or hint
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-        raise InputError(f"{where}: expected {getattr(expected, '__name__', expected)}, got {value!r}; "
-                         f"fix the recipe")
-    return value
+    def __post_init__(self):
+        if self.backend == "local" and self.local is None:
+            self.local = LocalJudgeConfig()
+        if self.backend == "http" and self.http is None:
+            # common.schema.build turns this into one line naming the block.
+            raise ValueError("backend 'http' needs an 'http:' block with base_url and model; add it")
 
 
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: expected a mapping of keys, got {data!r}; fix the recipe")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"{where}.{unknown[0]}: unknown key; expected one of {sorted(names)}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [n for n in required if n not in data]
-    if missing:
-        raise InputError(f"{where}.{missing[0]}: required key is missing; add it to the recipe")
-    return cls(**{k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()})
-
-
-def judge_config_from_dict(data: dict[str, Any], where: str = "judge") -> JudgeConfig:
-    """Strictly parse the judge section: unknown keys, wrong types and a missing backend block are errors."""
-    cfg = _from_dict(JudgeConfig, data, where)
-    if cfg.backend not in ("local", "http"):
-        raise InputError(f"{where}.backend: expected 'local' or 'http', got {cfg.backend!r}; fix the recipe")
-    if getattr(cfg, cfg.backend) is None:
-        raise InputError(f"{where}.{cfg.backend}: backend '{cfg.backend}' needs a '{cfg.backend}:' block; "
-                         f"add it to the recipe")
-    for key in ("pairwise_template", "single_template", "reference_template"):
+def with_paths(cfg: JudgeConfig, resolve: Callable[[str], Path], where: str, source: str = "recipe") -> JudgeConfig:
+    """A copy of `cfg` with its template and cache paths passed through `resolve` (a recipe's are relative to the
+    recipe file), each template checked to exist."""
+    cfg = dataclasses.replace(cfg, **{key: str(resolve(getattr(cfg, key))) for key in (*TEMPLATE_KEYS, "cache")
+                                      if getattr(cfg, key) is not None})
+    for key in TEMPLATE_KEYS:
         path = getattr(cfg, key)
         if path is not None and not Path(path).is_file():
-            raise InputError(f"{where}.{key}: template file {path} not found; give an existing file or "
+            raise InputError(f"{source}: {where}.{key}: template file {path} not found; give an existing file or "
                              f"remove the key to use the default")
     return cfg
+
+
+def judge_config_from_dict(data: dict[str, Any], where: str = "judge", source: str = "recipe") -> JudgeConfig:
+    """A judge block given as a mapping (the `alignlab judge` command's flags): read as a recipe's is, relative
+    paths relative to the working directory."""
+    return with_paths(build(JudgeConfig, data, where, source), Path, where, source)
 
 
 def build_judge(cfg: JudgeConfig) -> Judge:
@@ -138,7 +110,7 @@ def build_judge(cfg: JudgeConfig) -> Judge:
                          temperature=h.temperature, system_prompt=cfg.system_prompt, extra_body=h.extra_body)
     loc = cfg.local
     assert loc is not None
-    if not Path(loc.model).is_dir():
+    if loc.model is None or not Path(loc.model).is_dir():
         raise InputError(f"judge.local.model: {loc.model} is not a local model directory; give a directory "
                          f"with config.json (or a GGUF file named by gguf_file)")
     from .local import LocalJudge
