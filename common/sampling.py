@@ -126,27 +126,34 @@ def job_uniforms(seed: int, prompt_index: int, sample_index: int, steps: int) ->
     return torch.rand(steps, generator=generator, dtype=torch.float64)
 
 
-def draw_tokens(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def draw_tokens(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                with_logprobs: bool = False) -> tuple[Tensor, Tensor | None]:
     """One token per row from softmax(logits / T) restricted to the top_k tokens and the top_p nucleus (0 and 1.0:
     unrestricted), by inverse CDF: the first token whose cumulative probability exceeds the row's uniform.
 
-    float64 probabilities, so the cumulative sum over a 50k-token vocabulary is exact to ~1e-12."""
-    z = logits.to(torch.float64) / temperature
-    if top_k > 0 and top_k < z.shape[-1]:
-        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
+    Returns the tokens and, with `with_logprobs`, their log-probs under the full (unrestricted) softmax(logits / T).
+    The probabilities are float32 like the logits, their cumulative sum float64, so that over a 50k-token
+    vocabulary a token's share of [0, 1) is its probability to ~1e-7 rather than the ~1e-3 a float32 sum can drift.
+    """
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
     probs = torch.softmax(z, dim=-1)
+    picked_probs = probs
+    if top_k > 0 and top_k < z.shape[-1]:
+        kth = torch.topk(probs, top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
     if top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p (Holtzman et al. 2020): a token stays
         # if the mass of the tokens more likely than it is still below top_p.
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        sorted_probs = sorted_probs.masked_fill(before >= top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    cdf = probs.cumsum(-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
     target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return tokens.clamp_(max=probs.shape[-1] - 1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    if not with_logprobs:
+        return tokens, None
+    return tokens, torch.log(picked_probs.gather(-1, tokens[:, None]).squeeze(-1))
 
 
 # --- LoRA folding -----------------------------------------------------------------------------------------------
@@ -329,45 +336,68 @@ class Sampler:
 
     def _decode(self, model: Any, prompts: list[list[int]], jobs: list[int],
                 params: SamplingParams) -> tuple[list[Completion], int]:
-        """Sample one batch with a KV cache; rows leave the batch at their EOS."""
+        """Sample one batch: each distinct prompt is prefilled once and its KV cache copied to its jobs' rows; the
+        cache is allocated once (`StaticCache`: a step writes one position instead of copying the whole cache);
+        rows leave the batch after their EOS."""
+        from transformers import StaticCache
+
         tok, n, steps = self.tokenizer, params.n, params.max_new_tokens
         device = next(model.parameters()).device
-        ids, mask = pad_left([prompts[j // n] for j in jobs], tok.pad_token_id, device)
+        distinct = sorted({j // n for j in jobs})
+        ids, mask = pad_left([prompts[i] for i in distinct], tok.pad_token_id, device)
+        row_of_prompt = {prompt: row for row, prompt in enumerate(distinct)}
+        width = ids.shape[1]
+        cache = StaticCache(config=model.config, max_cache_len=width + steps)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        processed = int(mask.sum())
+        # Job rows from prompt rows: the cache, the mask, the last logits and the next positions.
+        expand = torch.tensor([row_of_prompt[j // n] for j in jobs], device=device)
+        _select_cache_rows(cache, expand)
+        logits, mask = out.logits[expand, -1].float(), mask[expand]
+        next_position = position_ids(mask)[:, -1:] + 1
         uniforms = torch.stack([job_uniforms(params.seed, j // n, j % n, steps) for j in jobs])
         tokens: list[list[int]] = [[] for _ in jobs]
         logprobs: list[list[float]] = [[] for _ in jobs]
-        live = torch.arange(len(jobs))  # batch rows still decoding -> their index in `jobs`
-        processed = int(mask.sum())
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
-                    logits_to_keep=1)
-        cache, next_position = out.past_key_values, position_ids(mask)[:, -1:] + 1
+        live = torch.arange(len(jobs))  # the batch's rows -> their index in `jobs`
+        done = torch.zeros(len(jobs), dtype=torch.bool)  # rows that have drawn their EOS (until they leave)
         for step in range(steps):
-            logits = out.logits[:, -1].float()
-            drawn = draw_tokens(logits, uniforms[live, step], params.temperature, params.top_k, params.top_p)
-            if params.logprobs:
-                picked = torch.log_softmax(logits / params.temperature, dim=-1).gather(-1, drawn[:, None])[:, 0]
-                for row, value in zip(live.tolist(), picked.tolist(), strict=True):
-                    logprobs[row].append(value)
-            ended = drawn == tok.eos_token_id
-            for row, token in zip(live.tolist(), drawn.tolist(), strict=True):
-                tokens[row].append(token)
-            if step == steps - 1 or bool(ended.all()):
+            drawn, picked = draw_tokens(logits, uniforms[live, step], params.temperature, params.top_k, params.top_p,
+                                        with_logprobs=params.logprobs)
+            drawn = drawn.cpu()
+            for i in (~done).nonzero().squeeze(-1).tolist():
+                tokens[int(live[i])].append(int(drawn[i]))
+                if picked is not None:
+                    logprobs[int(live[i])].append(float(picked[i]))
+            done |= drawn == tok.eos_token_id
+            if step == steps - 1 or bool(done.all()):
                 break
-            if bool(ended.any()):
-                keep = (~ended).nonzero().squeeze(-1)
-                live, drawn, mask, next_position = live[keep], drawn[keep], mask[keep], next_position[keep]
-                cache.batch_select_indices(keep.to(device))
+            # Ended rows leave the batch once they are a quarter of it: copying the cache costs about a step.
+            if int(done.sum()) * 4 >= len(live):
+                keep = (~done).nonzero().squeeze(-1)
+                live, drawn, done, mask, next_position = (live[keep], drawn[keep], done[keep], mask[keep.to(device)],
+                                                          next_position[keep.to(device)])
+                _select_cache_rows(cache, keep.to(device))
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             processed += len(live)
             out = model(input_ids=drawn[:, None].to(device), attention_mask=mask, position_ids=next_position,
-                        past_key_values=cache, use_cache=True)
+                        past_key_values=cache, use_cache=True,
+                        cache_position=torch.tensor([width + step], device=device))
+            logits = out.logits[:, -1].float()
             next_position = next_position + 1
-        completions = []
-        for row in range(len(jobs)):
-            has_eos = tokens[row][-1] == tok.eos_token_id
-            completions.append(Completion(tokens[row], tok.decode(tokens[row], skip_special_tokens=True), has_eos,
-                                          logprobs[row] if params.logprobs else None))
+        eos = tok.eos_token_id
+        completions = [Completion(t, tok.decode(t, skip_special_tokens=True), t[-1] == eos,
+                                  logprobs[row] if params.logprobs else None) for row, t in enumerate(tokens)]
         return completions, processed
+
+
+def _select_cache_rows(cache: Any, rows: Tensor) -> None:
+    """Keep (or repeat) the given batch rows of every layer of a KV cache, in that order."""
+    for layer in cache.layers:
+        if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
+            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+            if hasattr(layer, "batch_size"):
+                layer.batch_size = len(rows)
 
 
 @torch.no_grad()

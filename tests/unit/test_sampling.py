@@ -57,14 +57,17 @@ def test_draw_tokens_inverts_the_cdf_by_hand():
     # probability exceeds u.
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 4))
     u = torch.tensor([0.0, 0.49, 0.6, 0.85], dtype=torch.float64)
-    assert draw_tokens(logits, u, 1.0).tolist() == [0, 0, 1, 2]
+    assert draw_tokens(logits, u, 1.0)[0].tolist() == [0, 0, 1, 2]
     # Temperature 0.5 squares and renormalises: 0.25, 0.09, 0.04 over 0.38 -> 0.658, 0.237, 0.105;
     # cumulative 0.658, 0.895: u = 0.85 now picks token 1.
-    assert draw_tokens(logits, u, 0.5).tolist() == [0, 0, 0, 1]
+    assert draw_tokens(logits, u, 0.5)[0].tolist() == [0, 0, 0, 1]
     # top_k 2: 0.5, 0.3 over 0.8 -> 0.625, 0.375: u = 0.6 -> 0, u = 0.85 -> 1 (token 2 is never drawn).
-    assert draw_tokens(logits, u, 1.0, top_k=2).tolist() == [0, 0, 0, 1]
+    assert draw_tokens(logits, u, 1.0, top_k=2)[0].tolist() == [0, 0, 0, 1]
     # top_p 0.6: token 0 (mass before it 0) and token 1 (mass before it 0.5 < 0.6) stay, token 2 (0.8) goes:
     # the same distribution as top_k 2.
-    assert draw_tokens(logits, u, 1.0, top_p=0.6).tolist() == [0, 0, 0, 1]
+    assert draw_tokens(logits, u, 1.0, top_p=0.6)[0].tolist() == [0, 0, 0, 1]
     # top_p 0.5: the mass before token 1 is 0.5, not below 0.5: only token 0 stays.
-    assert draw_tokens(logits, u, 1.0, top_p=0.5).tolist() == [0, 0, 0, 0]
+    assert draw_tokens(logits, u, 1.0, top_p=0.5)[0].tolist() == [0, 0, 0, 0]
+    # The log-probs are those of the full distribution, whatever top_k / top_p drew from.
+    tokens, logprobs = draw_tokens(logits, u, 1.0, top_k=2, with_logprobs=True)
+    torch.testing.assert_close(logprobs, torch.log(torch.tensor([0.5, 0.5, 0.5, 0.3])), atol=1e-6, rtol=0)
