@@ -75,6 +75,10 @@ class Run:
                run_id: str | None = None, resume: bool = False, overwrite: bool = False,
                output_dir: Path | None = None, is_main: bool = True) -> Run:
         base = output_dir or Path(recipe.output_dir)
+        for folder in (base, base / recipe.name):
+            if folder.exists() and not folder.is_dir():
+                raise InputError(f"{folder} is a file, not a directory; runs are written into {base}/"
+                                 f"{recipe.name}/<run-id>/: give --output-dir (or output_dir) a directory")
         if run_id is None:
             if resume:
                 run_id = latest_run_id(base / recipe.name)
@@ -201,6 +205,9 @@ class StageContext:
     name: str
     is_main: bool = True
     resume: bool = False
+    # What the stage found reading its inputs (e.g. data/bad_rows_dropped); the runner adds it to the metrics of
+    # the stage's done record.
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def recipe(self) -> Recipe:
