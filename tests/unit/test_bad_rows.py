@@ -70,3 +70,4 @@ def test_dropped_rows_reach_the_stage_metrics():
     clean: dict[str, float] = {}
     validate(datasets.Dataset.from_list(hh_rows()[:1]), "preference", "hh", "drop", clean)
     assert clean == {}, "nothing dropped, nothing reported"
+
