@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import yaml
 
-from common.errors import InputError
+from common.errors import InputError, utf8_problem
 from common.schema import build, check_value, to_dict, unknown_key_error
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -48,6 +48,16 @@ class LoraSpec:
     # "all-linear" is peft's shorthand for every linear layer but the output head.
     target_modules: str | list[str] = "all-linear"
     bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self):
+        # peft refuses these only once the model is built, in a long traceback after the run directory exists.
+        if self.r < 1:
+            raise ValueError(f"r must be a positive rank, got {self.r}; LoRA needs r >= 1 (8 to 64 is usual), or set "
+                             "lora: null for full fine-tuning")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; name the modules to adapt, or use all-linear")
 
 
 @dataclass
@@ -84,6 +94,11 @@ class DataSpec:
     split: str = "train"
     # Our field name -> the column that holds it in this dataset (e.g. {prompt: instruction}).
     fields: dict[str, str] = field(default_factory=dict)
+    # Preference pairs whose final response is empty or whose chosen and rejected are the same text teach nothing.
+    # drop: leave them out (their count and first row are logged and in the stage's metrics); error: refuse the data.
+    # Unset: drop for a hub dataset (which the user cannot edit), error for a local file or a stage's output (which
+    # the user or the lab wrote, so a bad row there is a bug worth seeing).
+    bad_rows: Literal["drop", "error"] | None = None
     # A separate held-out file, or else this fraction of the rows is held out.
     test_path: str | None = None
     test_size: float = 0.1
@@ -96,6 +111,9 @@ class DataSpec:
                              "name the local file, the hub dataset or the stage")
         if not 0 <= self.test_size < 1:
             raise ValueError(f"test_size must be in [0, 1), got {self.test_size}")
+
+    def bad_row_policy(self) -> Literal["drop", "error"]:
+        return self.bad_rows or ("drop" if self.hub else "error")
 
 
 @dataclass
@@ -208,6 +226,18 @@ def check_policy_source(recipe: Recipe, from_: str | None, where: str) -> None:
                          "stage whose adapter to start from (e.g. sft)")
 
 
+def model_base_path(base: str, recipe: Recipe) -> str:
+    """`model.base` follows the rule of every path in a recipe: relative to the recipe file. It is a path when it is
+    absolute, starts with `.` or `~`, or names a directory beside the recipe; then it is made absolute here, so the
+    run reads the same model from any working directory. Anything else is an alias or a hub id (org/name)."""
+    path = Path(base).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if base.startswith(".") or (recipe.source.parent / path).is_dir():
+        return str(recipe.resolve_path(base))
+    return base
+
+
 def trains_in_bf16(model: ModelConfig) -> bool:
     """Whether training passes run in bf16: bf16 weights, or bf16 autocast over other weights."""
     return model.dtype == "bfloat16" or (model.dtype == "auto" and _cuda_bf16()) or autocasts_bf16(model)
@@ -250,16 +280,33 @@ def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> dict[s
     of its fields (so every trl option is available, and a typo is caught with the valid keys listed), and
     simple types are checked and normalised here."""
     hints = typing.get_type_hints(config_cls)
-    valid = [f.name for f in dataclasses.fields(config_cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     checked = {}
     for key, value in args.items():
-        if key not in valid:
-            raise unknown_key_error(key, valid, where, "recipe")
+        if key not in fields:
+            raise unknown_key_error(key, list(fields), where, "recipe")
         if key == "output_dir":
             raise InputError(f"recipe: {where}.output_dir is set by the run directory; remove it")
         tp = hints.get(key, Any)
         checked[key] = check_value(value, tp, f"{where}.{key}", "recipe") if _checkable(tp) else value
+        _check_sign(fields[key], checked[key], f"{where}.{key}")
     return checked
+
+
+def _check_sign(f: dataclasses.Field, value: Any, where: str) -> None:
+    """Refuse the numbers trl and transformers do not define but accept silently: counts, sizes and rates below zero
+    (`max_steps: -5` trains for whole epochs instead). A negative number is accepted only where it is the library's
+    own default, a "not set" sentinel (-1 for max_steps)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    default = f.default if isinstance(f.default, int | float) and not isinstance(f.default, bool) else None
+    sentinel = default is not None and default < 0
+    # transformers trains num_train_epochs unless max_steps > 0, so 0 is as "not set" as -1: one spelling for it.
+    unset_zero = f.name == "max_steps" and value == 0
+    if (value < 0 and not (sentinel and value == default)) or unset_zero:
+        allowed = f"{default} (not set) or a number > 0" if sentinel else "a number >= 0"
+        raise InputError(f"recipe: {where} must be {allowed}, got {value}; fix the value in the recipe or the --set "
+                         "override")
 
 
 def trl_args(config_cls: type, args: dict[str, Any], where: str, output_dir: str) -> Any:
@@ -291,7 +338,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise InputError(f"--set {text!r}: the key is empty; expected KEY.PATH=VALUE")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return parts, None
+    try:
+        return parts, yaml.load(raw, StrictLoader)
+    except InputError as e:
+        raise InputError(f"--set {text!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(e)}); quote it as text "
+                         "(--set 'KEY=\"...\"') or fix the list / mapping, e.g. [1, 2]") from None
 
 
 def apply_override(data: dict, parts: list[str], value: Any, label: str) -> None:
@@ -385,12 +440,42 @@ def _sweep_label(value: Any) -> str:
 
 # --- loading ----------------------------------------------------------------------------------------
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last value silently, so a
+    second `seed:` far down a recipe would override the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise InputError(f"key '{key}' is given twice in one mapping, on line {seen[key]} and line {line}; "
+                                 "keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"{where}{getattr(e, 'problem', None) or e}"
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: recipe file not found; give the path to a YAML recipe "
                          "(e.g. recipes/configs/smollm2-135m/sentiment.yaml)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: {utf8_problem(path.read_bytes(), e)}; save the recipe as UTF-8") from None
+    try:
+        data = yaml.load(text, StrictLoader)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -428,6 +513,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     stages_raw = data.pop("stages", None)
     recipe = build(Recipe, data, "", str(path))
     recipe.source = path.resolve()
+    recipe.model.base = model_base_path(recipe.model.base, recipe)
+    from common.models import check_model_base
+
+    try:
+        check_model_base(recipe.model.base)
+    except InputError as e:
+        raise InputError(f"{path}: model.base: {e}") from None
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise InputError(f"{path}: 'stages' must be a non-empty mapping of stage name -> stage block")
     kinds = stage_kinds or {}

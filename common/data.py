@@ -10,7 +10,8 @@ Validation names the file, the 1-based row and the field, so a bad row is found 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import datasets
 import pandas as pd
 
 from common.config import DataSpec, Recipe
-from common.errors import InputError
+from common.errors import InputError, utf8_problem
 from common.preferences import validate_preference_records
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -27,6 +28,8 @@ SHAPES = {
     "sft": [("messages",), ("prompt", "completion"), ("text",)],
     "prompt": [("prompt",)],
 }
+# The shapes records of one shape can be read as: a preference pair's prompt is also a prompt (e.g. for PPO).
+READABLE_AS = {"sft": {"sft"}, "prompt": {"prompt"}, "preference": {"preference", "prompt"}}
 
 
 @dataclass
@@ -34,6 +37,8 @@ class Splits:
     train: datasets.Dataset
     test: datasets.Dataset | None
     source: str  # a human-readable name for messages and the manifest
+    # What reading the data found, for the stage's metrics: rows left out under data.bad_rows: drop.
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def source_name(spec: DataSpec, recipe: Recipe) -> str:
@@ -53,6 +58,13 @@ def read_file(path: Path, where: str) -> datasets.Dataset:
     with open(path, "rb") as f:
         if not f.read(1 << 16).strip():
             raise InputError(f"{path}: the dataset is empty ({where}); give a file with at least one record")
+    if fmt != "parquet":
+        check_utf8(path, where)
+    # A jsonl line that is not JSON: datasets logs three lines of its own and names the row 0-based; say it once,
+    # with the line number an editor shows.
+    bad_line = first_bad_json_line(path) if path.suffix.lower() == ".jsonl" else None
+    if bad_line:
+        raise InputError(f"{path}: {bad_line} ({where}); fix or remove that line")
     try:
         if fmt == "csv":  # cells are text: type inference would turn an answer "42" into an int
             frame = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -65,6 +77,29 @@ def read_file(path: Path, where: str) -> datasets.Dataset:
         first_line = (str(e).splitlines() or [""])[0][:200]
         raise InputError(f"{path}: cannot be read as {fmt} ({type(e).__name__}: {first_line}); "
                          "check the file's format") from None
+
+
+def check_utf8(path: Path, where: str) -> None:
+    """pyarrow reads bytes that are not UTF-8 into its text columns and fails only when a row is read, in a
+    traceback; decode the file first (C speed, one pass) and name the line."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: {utf8_problem(data, e)} ({where}); save the file as UTF-8") from None
+
+
+def first_bad_json_line(path: Path) -> str | None:
+    """The first line of a JSON-lines file that is not JSON, as "line N is not JSON (what is wrong)", N 1-based;
+    None when every line parses."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"line {number} is not JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+    return None
 
 
 def read_hub(spec: DataSpec, split: str) -> datasets.Dataset:
@@ -95,15 +130,18 @@ def load_splits(spec: DataSpec, recipe: Recipe, shape: str, where: str, stage_di
     elif spec.stage and (stage_dir / "data" / "test.jsonl").is_file():
         test = read_file(stage_dir / "data" / "test.jsonl", where)
 
-    train = validate(rename_fields(train, spec.fields, name), shape, name)
+    metrics: dict[str, float] = {}
+    train = validate(rename_fields(train, spec.fields, name), shape, name, spec.bad_row_policy(), metrics)
     if test is not None:
-        test = validate(rename_fields(test, spec.fields, spec.test_path or name), shape, spec.test_path or name)
+        test_name = spec.test_path or name
+        test = validate(rename_fields(test, spec.fields, test_name), shape, test_name, spec.bad_row_policy(),
+                        metrics, prefix="data/test_")
     elif spec.test_size > 0 and len(train) >= 2:
         parts = train.train_test_split(test_size=spec.test_size, seed=recipe.seed)
         train, test = parts["train"], parts["test"]
     if spec.limit is not None:
         train = train.select(range(min(spec.limit, len(train))))
-    return Splits(train=train, test=test, source=name)
+    return Splits(train=train, test=test, source=name, metrics=metrics)
 
 
 def rename_fields(ds: datasets.Dataset, fields: dict[str, str], source: str) -> datasets.Dataset:
@@ -114,14 +152,19 @@ def rename_fields(ds: datasets.Dataset, fields: dict[str, str], source: str) -> 
     return ds.rename_columns({col: ours for ours, col in fields.items() if col != ours})
 
 
-def validate(ds: datasets.Dataset, shape: str, source: str) -> datasets.Dataset:
+def validate(ds: datasets.Dataset, shape: str, source: str, bad_rows: str = "error",
+             metrics: dict[str, float] | None = None, prefix: str = "data/") -> datasets.Dataset:
     """Check every row has one of the shape's field sets, with non-empty values of the right kind; keep only
     those fields. Preference pairs are also normalised (chat, text or Anthropic-HH transcripts) to
-    prompt / chosen / rejected by common.preferences."""
+    prompt / chosen / rejected by common.preferences, which leaves out degenerate pairs under bad_rows="drop";
+    their count and first row go into `metrics` (`data/bad_rows_dropped`, `data/first_bad_row`)."""
     if len(ds) == 0:
         raise InputError(f"{source}: the dataset is empty; give a file with at least one record")
     if shape == "preference":
-        pairs = validate_preference_records(ds, source)
+        pairs = validate_preference_records(ds, source, bad_rows=bad_rows)
+        if pairs.bad_rows and metrics is not None:
+            metrics.update({f"{prefix}bad_rows_dropped": len(pairs.bad_rows),
+                            f"{prefix}first_bad_row": pairs.bad_rows[0]})
         return datasets.Dataset.from_list(pairs.records)
     options = SHAPES[shape]
     fields = next((opt for opt in options if all(f in ds.column_names for f in opt)), None)

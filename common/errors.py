@@ -50,3 +50,10 @@ def disk_full(error: BaseException, directory: Path) -> bool:
            for e in causes(error)):
         return True
     return isinstance(error, RuntimeError) and shutil.disk_usage(directory).free < LOW_SPACE
+
+
+def utf8_problem(data: bytes, error: UnicodeDecodeError) -> str:
+    """Where `data` stops being UTF-8, as a 1-based line and column, for a message a user can act on."""
+    line = data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    return f"line {line}, column {column}: byte {data[error.start:error.start + 1]!r} is not valid UTF-8"

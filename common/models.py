@@ -46,34 +46,64 @@ def cache_root() -> Path:
     return Path(os.environ.get("ALIGNLAB_CACHE", Path.home() / ".cache" / "alignlab"))
 
 
-def resolve_model(name: str) -> ResolvedModel:
+def check_model_base(name: str) -> str:
+    """Which source `name` is ("embedded", "tiny", "local" or "hub"), checked without building, converting or
+    downloading anything, so that a recipe naming a model that cannot load fails when it is loaded (`validate`
+    too), before a run directory exists. A relative path is taken from the working directory here; a recipe's
+    `model.base` was made absolute from the recipe file first (common.config.model_base_path)."""
     if name == EMBEDDED_ALIAS:
-        return ResolvedModel(name, ensure_embedded_model(), "embedded")
+        embedded_gguf_dir()
+        return "embedded"
     if name == TINY_ALIAS:
-        return ResolvedModel(name, _cached_build(TINY_ALIAS, save_tiny_model), "tiny")
+        return "tiny"
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise InputError(f"model '{name}': the directory has no config.json; point model.base at a saved "
                              f"transformers model directory or use '{EMBEDDED_ALIAS}'")
-        return ResolvedModel(name, local.resolve(), "local")
-    return ResolvedModel(name, _from_hub(name), "hub")
+        return "local"
+    if local.exists() or local.is_absolute() or name.startswith((".", "~")):
+        raise InputError(f"model '{name}': no such model directory; fix the path (relative to the recipe file), or "
+                         f"use a hub id (org/name) or '{EMBEDDED_ALIAS}'")
+    if _hub_cached(name) is None and not _hub_reachable():
+        raise InputError(f"model '{name}' is not a local directory, not in the hub cache, and the hub cannot be "
+                         f"reached (offline?); use a local model directory or the embedded default "
+                         f"'{EMBEDDED_ALIAS}'")
+    return "hub"
+
+
+def resolve_model(name: str) -> ResolvedModel:
+    source = check_model_base(name)
+    if source == "embedded":
+        return ResolvedModel(name, ensure_embedded_model(), source)
+    if source == "tiny":
+        return ResolvedModel(name, _cached_build(TINY_ALIAS, save_tiny_model), source)
+    if source == "local":
+        return ResolvedModel(name, Path(name).expanduser().resolve(), source)
+    return ResolvedModel(name, _from_hub(name), source)
+
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def _hub_cached(name: str) -> Path | None:
+    """The model's snapshot in the user's hub cache: works offline for anything downloaded before."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except Exception:
+        return None
 
 
 def _from_hub(name: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-    try:  # the user's hub cache first: works offline for anything downloaded before
-        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
-    if not _hub_reachable():
-        raise InputError(f"model '{name}' is not a local directory, not in the hub cache, and the hub cannot be "
-                         f"reached (offline?); use a local model directory or the embedded default "
-                         f"'{EMBEDDED_ALIAS}'")
+    cached = _hub_cached(name)
+    if cached is not None:
+        return cached
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except Exception as e:
         raise InputError(f"model '{name}' could not be fetched from the hub ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]}); check the id, or use a local model directory") from None

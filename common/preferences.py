@@ -31,10 +31,15 @@ two answers to one prompt, so `early_divergence` says what to do:
   modelling, but DPO would train the policy to write the human's turns too.
 - `"error"`: raise InputError naming the row.
 
+Degenerate pairs. A row whose chosen or rejected response is empty (an HH transcript ending with an empty
+"\n\nAssistant:" turn) or whose chosen and rejected are the same text (after stripping whitespace) teaches
+no preference. `bad_rows` says what to do: `"error"` (the default here) raises InputError naming the row;
+`"drop"` leaves it out, its 1-based row number in `PreferenceData.bad_rows`, with a warning naming the
+count and the first row.
+
 Malformed transcripts (not starting with a Human turn, no Assistant turn, ending with a Human turn)
-always raise. Every row is also checked: a missing or wrongly typed field, an empty chosen or rejected,
-chosen equal to rejected (after stripping whitespace), an empty prompt, or a shape other than the first
-row's all raise `InputError` naming the source and the 1-based row (for a jsonl file, pass the line
+always raise. Every row is also checked: a missing or wrongly typed field, an empty prompt, or a shape
+other than the first row's all raise `InputError` naming the source and the 1-based row (for a jsonl file, pass the line
 numbers as `row_numbers` if the loader skipped blank lines). Keys other than prompt / chosen / rejected
 are provenance and pass through unchanged.
 """
@@ -44,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from common.errors import InputError
@@ -55,6 +60,8 @@ HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 EarlyDivergence = Literal["drop", "keep", "error"]
 EARLY_DIVERGENCE = ("drop", "keep", "error")
+BadRows = Literal["drop", "error"]
+BAD_ROWS = ("drop", "error")
 _SHAPES = ("explicit prompt/chosen/rejected text, conversational chosen/rejected message lists, or "
            "Anthropic-HH '\\n\\nHuman: ... \\n\\nAssistant: ...' transcripts")
 
@@ -62,15 +69,21 @@ _SHAPES = ("explicit prompt/chosen/rejected text, conversational chosen/rejected
 @dataclass
 class PreferenceData:
     """Normalised records; `format` is "text" or "conversational"; `dropped` counts early-divergent rows
-    left out under early_divergence="drop"."""
+    left out under early_divergence="drop"; `bad_rows` numbers the degenerate rows left out under
+    bad_rows="drop"."""
 
     records: list[dict[str, Any]]
     format: Literal["text", "conversational"]
     dropped: int = 0
+    bad_rows: list[int] = field(default_factory=list)
 
 
 class _Dropped(Exception):
     """A row left out under early_divergence="drop"."""
+
+
+class _Degenerate(Exception):
+    """A row left out under bad_rows="drop"."""
 
 
 # --- Anthropic-HH transcripts -------------------------------------------------------------------------
@@ -183,7 +196,7 @@ def _same_completion(a: str | list[dict], b: str | list[dict]) -> bool:
                                     for x, y in zip(a, b, strict=True))
 
 
-def _normalize(record: Any, where: str, early_divergence: EarlyDivergence) -> tuple[dict, str]:
+def _normalize(record: Any, where: str, early_divergence: EarlyDivergence, bad_rows: BadRows) -> tuple[dict, str]:
     if not isinstance(record, Mapping):
         raise InputError(f"{where}: expected a mapping with chosen and rejected, got {type(record).__name__}")
     for key in ("chosen", "rejected"):
@@ -229,18 +242,20 @@ def _normalize(record: Any, where: str, early_divergence: EarlyDivergence) -> tu
 
     if _blank(prompt):
         raise InputError(f"{where}: the prompt is empty; give each row a prompt")
-    for name, c in (("chosen", chosen), ("rejected", rejected)):
-        if _blank(c):
-            raise InputError(f"{where}: '{name}' is empty; remove the row or fill in the response")
-    if _same_completion(chosen, rejected):
-        raise InputError(f"{where}: chosen and rejected are the same text, which teaches no preference; "
-                         "remove the row")
+    empty = next((name for name, c in (("chosen", chosen), ("rejected", rejected)) if _blank(c)), None)
+    if empty or _same_completion(chosen, rejected):
+        if bad_rows == "drop":
+            raise _Degenerate
+        problem = (f"'{empty}' is empty; remove the row or fill in the response" if empty else
+                   "chosen and rejected are the same text, which teaches no preference; remove the row")
+        raise InputError(f"{where}: {problem}, or set data.bad_rows: drop to leave such rows out")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extras}, shape
 
 
 def validate_preference_records(records: Iterable[Mapping[str, Any]], source_name: str,
                                 early_divergence: EarlyDivergence = "drop",
-                                row_numbers: Sequence[int] | None = None) -> PreferenceData:
+                                row_numbers: Sequence[int] | None = None,
+                                bad_rows: BadRows = "error") -> PreferenceData:
     """Normalise and check every record (see the module docstring); raise InputError on the first bad row.
 
     `source_name` (a file path or hub id) and the row number start every error message; rows are
@@ -249,16 +264,22 @@ def validate_preference_records(records: Iterable[Mapping[str, Any]], source_nam
     if early_divergence not in EARLY_DIVERGENCE:
         raise InputError(f"{source_name}: early_divergence must be one of {', '.join(EARLY_DIVERGENCE)}, "
                          f"got {early_divergence!r}")
+    if bad_rows not in BAD_ROWS:
+        raise InputError(f"{source_name}: bad_rows must be one of {', '.join(BAD_ROWS)}, got {bad_rows!r}")
     out: list[dict[str, Any]] = []
     dropped: list[int] = []
+    degenerate: list[int] = []
     first: tuple[str, int] | None = None
     for i, record in enumerate(records):
         row = row_numbers[i] if row_numbers is not None else i + 1
         where = f"{source_name}: row {row}"
         try:
-            normalised, shape = _normalize(record, where, early_divergence)
+            normalised, shape = _normalize(record, where, early_divergence, bad_rows)
         except _Dropped:
             dropped.append(row)
+            continue
+        except _Degenerate:
+            degenerate.append(row)
             continue
         if first is None:
             first = (shape, row)
@@ -267,12 +288,20 @@ def validate_preference_records(records: Iterable[Mapping[str, Any]], source_nam
                              "shape (all text, or all conversational)")
         out.append(normalised)
     if not out:
+        if degenerate:
+            raise InputError(f"{source_name}: no usable preference records ({len(degenerate)} have an empty response "
+                             f"or chosen equal to rejected, {len(dropped)} differ before the last assistant turn); "
+                             "check the data.fields mapping and the file")
         if dropped:
             raise InputError(f"{source_name}: no usable preference records (all {len(dropped)} differ before the "
                              "last assistant turn); set early_divergence: keep to split them there")
         raise InputError(f"{source_name}: no preference records; expected rows of {_SHAPES}")
+    if degenerate:
+        log.warning("%s: dropped %d of %d rows whose chosen or rejected response is empty or whose chosen and "
+                    "rejected are the same text (first: row %d); data.bad_rows: error refuses them instead",
+                    source_name, len(degenerate), len(degenerate) + len(dropped) + len(out), degenerate[0])
     if dropped:
         log.warning("%s: dropped %d of %d rows whose chosen and rejected dialogues differ before the last "
                     "assistant turn (first: row %d); set early_divergence: keep to use them",
                     source_name, len(dropped), len(dropped) + len(out), dropped[0])
-    return PreferenceData(out, first[0], len(dropped))
+    return PreferenceData(out, first[0], len(dropped), degenerate)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainerCallback
 
 from common.config import Recipe
 from common.errors import DiskFullError, InputError, causes, disk_full
@@ -75,6 +76,10 @@ class Run:
                run_id: str | None = None, resume: bool = False, overwrite: bool = False,
                output_dir: Path | None = None, is_main: bool = True) -> Run:
         base = output_dir or Path(recipe.output_dir)
+        for folder in (base, base / recipe.name):
+            if folder.exists() and not folder.is_dir():
+                raise InputError(f"{folder} is a file, not a directory; runs are written into {base}/"
+                                 f"{recipe.name}/<run-id>/: give --output-dir (or output_dir) a directory")
         if run_id is None:
             if resume:
                 run_id = latest_run_id(base / recipe.name)
@@ -201,6 +206,9 @@ class StageContext:
     name: str
     is_main: bool = True
     resume: bool = False
+    # What the stage found reading its inputs (e.g. data/bad_rows_dropped); the runner adds it to the metrics of
+    # the stage's done record.
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def recipe(self) -> Recipe:
@@ -234,15 +242,25 @@ def resumable(run: Run, stage: str, resume: str) -> Iterator[None]:
         raise
 
 
-def last_complete_checkpoint(checkpoints: Path) -> str | None:
+def last_complete_checkpoint(checkpoints: Path, max_steps: int = -1) -> str | None:
     """The newest Trainer checkpoint that was written to the end, for --resume.
 
     A run killed while saving leaves a `checkpoint-N` folder without its `trainer_state.json`, which the
     Trainer writes last; a full disk can leave that file cut short. Resuming from either fails, so such
-    folders are passed over.
+    folders are passed over, with a warning naming them. So is a checkpoint past `max_steps` (when set), written
+    under an earlier config: resuming from it would log steps past the end.
     """
-    done = [p for p in checkpoints.glob("checkpoint-*") if _reads_as_json(p / "trainer_state.json")]
-    return str(max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))) if done else None
+    done = []
+    for path in checkpoints.glob("checkpoint-*"):
+        step = int(path.name.rsplit("-", 1)[1])
+        if not _reads_as_json(path / "trainer_state.json"):
+            log.warning("passing over %s: its trainer_state.json is missing or cut short (the run was stopped while "
+                        "saving it); it is not resumed from", path)
+        elif 0 < max_steps < step:
+            log.warning("passing over %s: it is past max_steps %d", path, max_steps)
+        else:
+            done.append((step, path))
+    return str(max(done)[1]) if done else None
 
 
 def _reads_as_json(path: Path) -> bool:
@@ -253,12 +271,67 @@ def _reads_as_json(path: Path) -> bool:
     return True
 
 
+def drop_lines_after(path: Path, step: int) -> None:
+    """Remove the jsonl rows of steps after `step` (logged by an interrupted run past the checkpoint it resumes
+    from; the resumed run logs those steps again)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class CarryCounters(TrainerCallback):
+    """Make a resumed Trainer log what the uninterrupted one would: its running totals start again at zero.
+
+    - trl's `num_tokens` (tokens trained on so far, also logged as `eval_num_tokens`) counts from the resume: add
+      the count logged at the checkpoint.
+    - `train_loss` (the mean training loss, transformers' `_finalize_training`) averages only the steps run since
+      the resume: average over every step, weighting each logged `loss` (a mean over its logging interval) by that
+      interval's length. Exact when the checkpoint step is a logging step (save_steps a multiple of logging_steps).
+    The corrected values also replace those in the state's log history, which later checkpoints save, so a run
+    resumed twice carries them on. Goes before the callbacks that write the logs (they read the same dict).
+    """
+
+    def __init__(self):
+        self.tokens = self.loss_sum = 0.0
+        self.start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = state.global_step
+        previous = 0
+        for entry in state.log_history:
+            if "loss" in entry and entry["step"] <= self.start:
+                self.loss_sum += entry["loss"] * (entry["step"] - previous)
+                previous = entry["step"]
+            if "num_tokens" in entry and entry["step"] <= self.start:
+                self.tokens = entry["num_tokens"]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or self.start == 0:
+            return
+        # trl logs the tokens trained on so far with the evaluation's metrics too.
+        carried = {key: logs[key] + self.tokens for key in ("num_tokens", "eval_num_tokens") if key in logs}
+        if "train_loss" in logs and state.global_step > 0:
+            run_here = state.global_step - self.start
+            carried["train_loss"] = (logs["train_loss"] * run_here + self.loss_sum) / state.global_step
+        logs.update(carried)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(carried)
+
+
 def train_and_evaluate(trainer, ctx: StageContext) -> None:
     """Run a transformers / trl Trainer for a stage: from the newest complete checkpoint on --resume, then one
-    evaluation on the held-out split when there is one (its metrics reach metrics.jsonl via the callback)."""
-    resume_from = last_complete_checkpoint(ctx.dir / "checkpoints") if ctx.resume else None
-    if resume_from:
-        log.info("resuming %s from %s", ctx.name, resume_from)
+    evaluation on the held-out split when there is one (its metrics reach metrics.jsonl via the callback).
+
+    On --resume, metrics.jsonl keeps only the lines up to the checkpoint's step and the running totals carry on
+    (CarryCounters), so that it reads as the uninterrupted run's: every step once."""
+    resume_from = None
+    if ctx.resume:
+        resume_from = last_complete_checkpoint(ctx.dir / "checkpoints", trainer.args.max_steps)
+        step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
+        log.info("resuming %s from %s", ctx.name, resume_from or "the start (no complete checkpoint)")
+        if ctx.is_main:
+            drop_lines_after(ctx.dir / "metrics.jsonl", step)
+        trainer.callback_handler.callbacks.insert(0, CarryCounters())
     trainer.train(resume_from_checkpoint=resume_from)
     if trainer.eval_dataset is not None:
         trainer.evaluate()

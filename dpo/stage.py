@@ -122,6 +122,7 @@ def build_trainer(cfg: DPOStage, ctx: StageContext, callbacks: list | None = Non
     tokenizer = load_tokenizer(resolved)
     splits = load_splits(cfg.data, recipe, "preference", f"{where}.data",
                          ctx.run.stage_dir(cfg.data.stage) if cfg.data.stage else None)
+    ctx.metrics.update(splits.metrics)  # degenerate pairs left out (data.bad_rows: drop)
     args = cfg.trainer_args(recipe, where, output_dir=ctx.dir / "checkpoints")
     if splits.test is None:
         args.eval_strategy = "no"

@@ -259,6 +259,12 @@ def judge_command(args: argparse.Namespace) -> None:
         block["http"] = {"base_url": args.base_url, "model": args.judge_model, "api_key_env": args.api_key_env}
     else:
         block["local"] = {"model": args.judge_model or "smollm2-135m-instruct"}
+        from common.models import check_model_base
+
+        try:  # now, not after the answers are sampled
+            check_model_base(block["local"]["model"])
+        except InputError as e:
+            raise InputError(f"alignlab judge --judge-model: {e}") from None
     config = judge_config_from_dict(block, "judge")
 
     sides = {}

@@ -24,7 +24,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display: render to memory
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.errors import InputError  # noqa: E402
+from common.errors import DiskFullError, InputError, disk_full  # noqa: E402
+from common.runs import atomic_write_text  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
 
 # The curves worth a plot per stage kind, in the order shown (lab metric names, see common/tracking.py).
@@ -309,8 +310,13 @@ pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 def write_report(run_dirs: list[Path], output: Path) -> tuple[Path, Path]:
     """Write `output` (HTML) and its Markdown twin (same name, .md, plots in `<name>_files/`)."""
     report = build_report(run_dirs)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(to_html(report))
     markdown = output.with_suffix(".md")
-    markdown.write_text(to_markdown(report, output.parent / f"{output.stem}_files"))
+    try:  # atomically, like every file of a run: a full disk leaves the old report or none, never half of one
+        atomic_write_text(output, to_html(report))
+        atomic_write_text(markdown, to_markdown(report, output.parent / f"{output.stem}_files"))
+    except OSError as e:
+        if disk_full(e, output.parent):
+            raise DiskFullError(f"disk full while writing the report {output}: free space, then write it again "
+                                "(alignlab report RUN... -o FILE)") from e
+        raise
     return output, markdown

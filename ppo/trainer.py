@@ -39,7 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from common.runs import atomic_write_text
+from common.runs import drop_lines_after
 from common.sampling import SamplingParams, encode_prompts
 from common.tracking import Tracker
 from ppo.adapters import OneBaseModel
@@ -482,9 +482,3 @@ class PPOTrainer:
                 drop_lines_after(self.stage_dir / name, self.step)
         self.accelerator.wait_for_everyone()
 
-
-def drop_lines_after(path: Path, step: int) -> None:
-    """Remove the jsonl rows of steps after `step` (logged by an interrupted run past its last checkpoint)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))

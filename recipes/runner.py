@@ -24,8 +24,8 @@ from transformers import set_seed
 
 from common.config import Recipe, load_recipe
 from common.errors import InputError
-from common.runs import Run, StageContext, resumable
-from recipes.stages import STAGE_KINDS, config_classes
+from common.runs import Run, StageContext, latest_run_id, resumable
+from recipes.stages import STAGE_KINDS, check_data_references, config_classes
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -48,7 +48,9 @@ class RunOptions:
 
 
 def load(recipe_path: str | Path, overrides: list[str]) -> tuple[Recipe, dict]:
-    return load_recipe(recipe_path, overrides, config_classes())
+    recipe, raw = load_recipe(recipe_path, overrides, config_classes())
+    check_data_references(recipe)
+    return recipe, raw
 
 
 def process_state() -> PartialState:
@@ -79,14 +81,10 @@ def run_recipe(recipe_path: str | Path, opts: RunOptions) -> Run:
     if opts.stage is not None and opts.stage not in recipe.stages:
         raise InputError(f"--stage {opts.stage}: no such stage; the recipe has {', '.join(order)}")
 
+    if opts.stage:
+        check_stage_inputs(recipe, recipe_path, opts)  # before a run directory is created (or replaced)
     run = _create_run(recipe, raw_text, opts, state)
     targets = [opts.stage] if opts.stage else order
-    if opts.stage:
-        missing = [r for r in recipe.inputs(opts.stage) if not run.is_done(r)]
-        if missing:
-            raise InputError(f"--stage {opts.stage} needs stage(s) {', '.join(missing)} done in {run.root}; "
-                             f"run them first, e.g. alignlab run {recipe_path} --stage {missing[0]} "
-                             f"--resume --run-id {run.root.name}")
 
     summary = []
     for i, name in enumerate(targets, 1):
@@ -99,7 +97,9 @@ def run_recipe(recipe_path: str | Path, opts: RunOptions) -> Run:
         set_seed(recipe.seed)
         started = time.time()
         with resumable(run, name, resume_command(recipe_path, opts, run.root.name)):
-            result = STAGE_KINDS[cfg.kind].train(cfg, StageContext(run, name, state.is_main_process, opts.resume))
+            ctx = StageContext(run, name, state.is_main_process, opts.resume)
+            result = STAGE_KINDS[cfg.kind].train(cfg, ctx)
+            result.metrics = ctx.metrics | result.metrics
             wait_for_everyone()
             if state.is_main_process:
                 run.mark_done(name, result, time.time() - started)
@@ -112,13 +112,37 @@ def run_recipe(recipe_path: str | Path, opts: RunOptions) -> Run:
     return run
 
 
-def resume_command(recipe_path: str | Path, opts: RunOptions, run_id: str) -> str:
-    """The command that continues this run: the same recipe, overrides (they enter the stages' config hashes),
-    stage and output directory."""
+def check_stage_inputs(recipe: Recipe, recipe_path: str | Path, opts: RunOptions) -> None:
+    """`--stage NAME` reads the outputs of its input stages from the run it continues: refuse it when they are not
+    done there, naming the command that runs the first of them into that run. A new run (no --resume) has none."""
+    base = opts.output_dir or Path(recipe.output_dir)
+    run_id = opts.run_id or (latest_run_id(base / recipe.name) if opts.resume else None)
+    run = Run(base / recipe.name / run_id, recipe) if opts.resume and run_id else None
+    missing = [r for r in recipe.inputs(opts.stage) if run is None or not run.is_done(r)]
+    if not missing:
+        return
+    if run is not None and run.root.is_dir():
+        first = run_command(recipe_path, opts, run.root.name, stage=missing[0], resume=True)
+        raise InputError(f"--stage {opts.stage} needs stage(s) {', '.join(missing)} done in {run.root}; run them "
+                         f"first: {first}")
+    run_id = opts.run_id or time.strftime("%Y%m%d-%H%M%S")
+    first = run_command(recipe_path, opts, run_id, stage=missing[0], resume=False)
+    raise InputError(f"--stage {opts.stage} needs stage(s) {', '.join(missing)} done, and a new run has none; run "
+                     f"them first: {first}, then this command with --resume --run-id {run_id}")
+
+
+def run_command(recipe_path: str | Path, opts: RunOptions, run_id: str, stage: str | None, resume: bool) -> str:
+    """An `alignlab run` command for this run: the same recipe, overrides (they enter the stages' config hashes)
+    and output directory, for `stage` (None: every stage)."""
     args = ["alignlab", "run", str(recipe_path), *(a for o in opts.overrides for a in ("--set", o))]
-    args += ["--stage", opts.stage] if opts.stage else []
+    args += ["--stage", stage] if stage else []
     args += ["--output-dir", str(opts.output_dir)] if opts.output_dir else []
-    return shlex.join([*args, "--resume", "--run-id", run_id])
+    return shlex.join([*args, *(["--resume"] if resume else []), "--run-id", run_id])
+
+
+def resume_command(recipe_path: str | Path, opts: RunOptions, run_id: str) -> str:
+    """The command that continues this run, stage for stage."""
+    return run_command(recipe_path, opts, run_id, opts.stage, resume=True)
 
 
 def _create_run(recipe: Recipe, raw_text: str, opts: RunOptions, state: PartialState) -> Run:

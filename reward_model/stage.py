@@ -158,6 +158,7 @@ def build_trainer(cfg: RewardModelStage, ctx: StageContext,
     tokenizer = load_tokenizer(resolved)
     splits = load_splits(cfg.data, recipe, "preference", f"{where}.data",
                          ctx.run.stage_dir(cfg.data.stage) if cfg.data.stage else None)
+    ctx.metrics.update(splits.metrics)  # degenerate pairs left out (data.bad_rows: drop)
     cfg.check_margin_columns(splits.train, splits.source, where)
     init_adapter = ctx.input_path(cfg.from_, "adapter") if cfg.from_ else None
     model = load_trainable_reward_model(recipe.model, resolved, init_adapter)

@@ -82,7 +82,8 @@ def test_field_mapping_to_a_missing_column(tmp_path):
 
 
 def test_unreadable_file_and_unknown_extension(tmp_path):
-    assert "cannot be read as json" in error(tmp_path, "{not json\n")
+    assert "d.jsonl: line 2 is not JSON (Expecting property name enclosed in double quotes at column 2)" in error(
+        tmp_path, '{"text": "a"}\n{not json\n')
     (tmp_path / "d.txt").write_text("x")
     with pytest.raises(InputError, match="unsupported file type '.txt'"):
         load_splits(DataSpec(path="d.txt"), recipe_at(tmp_path), "sft", "w")

@@ -121,7 +121,8 @@ def test_malformed_hh_transcripts(chosen, message):
 
 
 def test_hh_empty_reply_is_an_error():
-    with pytest.raises(InputError, match=r"^hh: row 1: 'chosen' is empty; remove the row or fill in the response$"):
+    with pytest.raises(InputError, match=r"^hh: row 1: 'chosen' is empty; remove the row or fill in the response, or set "
+                                            r"data\.bad_rows: drop to leave such rows out$"):
         validate_preference_records([{"chosen": f"{H} Hi{A} ", "rejected": f"{H} Hi{A} Bye"}], "hh")
 
 
@@ -194,7 +195,7 @@ GOOD = {"prompt": "Review X.", "chosen": "Lovely.", "rejected": "Dull."}
                                                    r"rejected text, .* \(map other column names with data\.fields\)$"),
     ({"prompt": "Review X.", "chosen": "Lovely.", "rejected": None}, r"row 2: missing 'rejected'"),
     ({"prompt": "Review X.", "chosen": "", "rejected": "Dull."}, r"row 2: 'chosen' is empty; remove the row or "
-                                                                 r"fill in the response$"),
+                                                                 r"fill in the response, or set data\.bad_rows: drop"),
     ({"prompt": "Review X.", "chosen": "Lovely.", "rejected": " \n"}, r"row 2: 'rejected' is empty"),
     ({"prompt": "Review X.", "chosen": "Same.", "rejected": " Same.\n"}, r"row 2: chosen and rejected are the "
                                                                          r"same text, which teaches no preference"),

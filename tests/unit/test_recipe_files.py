@@ -20,7 +20,10 @@ def test_there_are_recipes_and_launchers():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(RECIPES)))
-def test_recipe_validates(path):
+def test_recipe_validates(path, monkeypatch):
+    # Recipes for larger models name hub ids, which load time checks can be fetched; this machine has no hub, so
+    # validate the rest of each recipe as where the hub is reachable.
+    monkeypatch.setattr("common.models._hub_reachable", lambda: True)
     recipe, _ = load(path, [])
     assert recipe.stages and recipe.order()
     for profile in recipe.profiles:
