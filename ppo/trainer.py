@@ -219,7 +219,7 @@ class PPOTrainer:
         if self._anywhere(not (finite and bool(torch.isfinite(rollout.scores).all()))):
             return self._skip(step, "scores, log-probs or values")
 
-        kl = torch.where(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, args.kl_estimator), 0.0)
+        kl = torch.where(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, args.kl_estimator_used), 0.0)
         kl_per_response = kl.sum(1)
         mean_kl = float(self._gather(kl_per_response).mean())
         if args.kl_ceiling is not None and mean_kl > args.kl_ceiling:
@@ -339,8 +339,9 @@ class PPOTrainer:
         if args.entropy_coef > 0:
             loss = loss - args.entropy_coef * masked_mean(out.entropy, mask)
         if not args.kl_in_reward:
-            # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs.
-            loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator), mask)
+            # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs (which
+            # gradient each estimator follows: ppo/kl.py).
+            loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator_used), mask)
         values = out.values
         if values is None:
             if not self._backward(loss):
@@ -383,7 +384,7 @@ class PPOTrainer:
         """The step's metrics, over the global batch.
 
         objective/scores: mean raw score (before the missing-EOS penalty, normalisation and clipping);
-        objective/kl: mean over responses of the summed per-token KL estimate (args.kl_estimator);
+        objective/kl: mean over responses of the summed per-token KL estimate (args.kl_estimator_used);
         objective/non_score_reward: -beta * objective/kl; objective/rlhf_reward: mean of (shaped score - beta * KL),
         the objective PPO maximises; objective/entropy: mean entropy of the policy at the response tokens.
         policy/*, loss/*, val/clipfrac_avg and val/ratio: means over the update's micro-batches;

@@ -127,12 +127,25 @@ def test_kl_in_the_loss_and_the_entropy_bonus_move_the_policy_without_any_advant
         for name, param in model.peft.named_parameters():
             if "lora_B.policy" in name:
                 param.normal_(std=0.1)
-    trainer = make_trainer(model, tmp_path, kl_estimator="k3", **term)
+    trainer = make_trainer(model, tmp_path, **term)  # in the loss, the default estimator: k2
     rollout, _, _ = trainer.rollout(trainer.prompts[:4], step=1)
     rollout.advantages = torch.zeros_like(rollout.logprobs)  # no policy-gradient signal ...
     rollout.returns = rollout.values.clone()  # ... and no value error
     model.train()
-    assert trainer.backward(rollout.micro_batch(torch.arange(4)), beta=0.5) is not None
+    batch = rollout.micro_batch(torch.arange(4))
+    assert trainer.backward(batch, beta=0.5) is not None
     grads = [p.grad for n, p in model.peft.named_parameters() if "lora_" in n and p.grad is not None]
     moved = any(g.abs().max() > 0 for g in grads)
     assert moved == expect_gradient
+    if term == {"kl_in_reward": False}:
+        # The direction, not only a gradient: one optimizer step brings the policy's log-probs of the sampled
+        # tokens closer to the reference's (a sign error in the loss would push them apart).
+        def gap() -> float:
+            with torch.no_grad():
+                logprobs = model.policy_forward(batch.ids, batch.attention, batch.start,
+                                                trainer.args.temperature).logprobs
+            return float((logprobs - batch.ref_logprobs)[batch.mask.bool()].abs().mean())
+
+        before = gap()
+        assert trainer.optimizer_step()
+        assert gap() < before
