@@ -3,7 +3,7 @@
     for step in 1 .. max_steps:
         prompts      <- this process's share of the global batch (a seeded permutation per epoch)
         responses    <- sample from the policy (KV cache, temperature T), cut after the first EOS
-        scores       <- gold scorer or reward model on (prompt, response); missing-EOS penalty; normalise / clip
+        scores       <- gold scorer or reward model on (prompt, response); normalise; missing-EOS penalty; clip
         log-probs    <- policy (old) and reference, recomputed at temperature T; values V(s_t)
         rewards      <- score at the last token - beta * KL per token        (Ziegler et al. 2019, eq. 1)
         advantages   <- GAE(gamma, lambda), whitened over the global batch   (Schulman et al. 2016)
@@ -283,14 +283,17 @@ class PPOTrainer:
         return rollout, completions, timing
 
     def shape_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
-        """The score that enters the reward: missing-EOS penalty, then (optionally) standardised over the global
-        batch and clipped."""
+        """The score that enters the reward: (optionally) standardised over the global batch, then the missing-EOS
+        penalty, then clipped. Penalising after standardising keeps the penalty in the units the recipe gives it
+        (standardising after would cost a response penalty / sigma and inflate sigma itself). trl's PPO trainer
+        did the same: it subtracted the penalty from the reward model's scores, which the N+ recipe has normalised
+        beforehand (Huang et al. 2024, details 8 and 10)."""
         args = self.args
-        if args.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, scores - args.missing_eos_penalty)
         if args.normalize_scores:
             everyone = self._gather(scores)
             scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
+        if args.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - args.missing_eos_penalty)
         if args.score_clip is not None:
             scores = scores.clamp(-args.score_clip, args.score_clip)
         return scores

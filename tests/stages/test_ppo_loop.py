@@ -110,12 +110,13 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged(tmp_path, value_m
 
 def test_scores_are_penalised_normalised_and_clipped_by_hand(tmp_path):
     model = OneBaseModel.build(MODEL, resolve_model(MODEL.base), None, "shared", DEVICE)
-    trainer = make_trainer(model, tmp_path, missing_eos_penalty=1.0, normalize_scores=True, score_clip=1.0)
+    trainer = make_trainer(model, tmp_path, missing_eos_penalty=1.0, normalize_scores=True, score_clip=1.2)
     scores, has_eos = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([True, True, False, True])
-    # The third has no EOS: 3 - 1 = 2. Then [1, 2, 2, 6] has mean 2.75 and unbiased std sqrt(14.75 / 3) = 2.21736,
-    # so (x - 2.75) / 2.21736 = [-0.78922, -0.33824, -0.33824, 1.46570]; clipping to [-1, 1] caps the last.
+    # Standardised first: [1, 2, 3, 6] has mean 3 and unbiased std sqrt(14 / 3) = 2.1602469, so (x - 3) / 2.1602469
+    # = [-0.9258201, -0.4629100, 0, 1.3887301]. Then the third, with no EOS, loses the full penalty: 0 - 1 = -1 (had
+    # the penalty come first, it would cost 1 / sigma and change sigma). Clipping to [-1.2, 1.2] caps the last.
     shaped = trainer.shape_scores(scores.to(DEVICE), has_eos.to(DEVICE))
-    torch.testing.assert_close(shaped.cpu(), torch.tensor([-0.78922, -0.33824, -0.33824, 1.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shaped.cpu(), torch.tensor([-0.9258201, -0.4629100, -1.0, 1.2]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("term, expect_gradient", [({}, False), ({"kl_in_reward": False}, True),
