@@ -113,6 +113,12 @@ class PPOArgs:
         if self.value_init == "reward" and self.value_model != "separate":
             raise InputError(f"recipe: {where}.value_init: reward copies the reward model's adapter into the value "
                              "adapter; set value_model: separate too")
+        if self.value_init == "reward" and self.normalize_scores:
+            # The copied head predicts the reward model's raw scores, while the returns it would be fitted to are
+            # standardised per batch: the first value targets would sit on another scale than its predictions.
+            raise InputError(f"recipe: {where}.value_init: reward starts the value head at the reward model's raw "
+                             "scores, but normalize_scores: true standardises the returns; set one of them off "
+                             "(value_init: fresh, or normalize_scores: false)")
 
     @property
     def kl_estimator_used(self) -> str:
