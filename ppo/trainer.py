@@ -18,7 +18,8 @@ with one all-reduce of the flattened trainable parameters' gradients (the adapte
 applies the same update to the same weights, so the adapters stay identical without DDP's wrapper, which would
 broadcast the frozen base at start and cannot follow a forward that switches adapters.
 
-Guards: a step whose scores, log-probs, values or losses are not finite is skipped (counted in `guard/...`);
+Guards: a step whose scores, log-probs, values or losses are not finite is skipped (counted in `guard/...`; the
+learning-rate schedule still advances by the step's share);
 `max_nonfinite_steps` in a row stop the run. A mean KL per response above `kl_ceiling` stops it before the update,
 and sets aside the checkpoint that holds the offending policy, so --resume continues from the last good one.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -166,9 +168,9 @@ class PPOTrainer:
         self.device = accelerator.device
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        minibatches = args.rollout_batch_size // args.minibatch_size
+        self.optimizer_steps_per_step = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.warmup_steps,
-                                       num_training_steps=args.max_steps * args.ppo_epochs * minibatches)
+                                       num_training_steps=args.max_steps * self.optimizer_steps_per_step)
         self.kl_ctl = make_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
         self.step = 0  # completed PPO steps
         self.nonfinite_in_a_row = 0
@@ -427,8 +429,9 @@ class PPOTrainer:
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
-        log.warning("ppo step %d: non-finite %s; the batch is skipped (%d in a row)", step, what,
-                    self.nonfinite_in_a_row)
+        self._advance_schedule_to(step)
+        log.warning("ppo step %d: non-finite %s; the batch is skipped (%d in a row) and the learning-rate schedule "
+                    "moves on as if it had trained", step, what, self.nonfinite_in_a_row)
         if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
             self.tracker.log({"guard/nonfinite_steps": float(self.nonfinite_total)}, step)
             raise TrainingStopped(
@@ -436,6 +439,15 @@ class PPOTrainer:
                 f"Lower args.learning_rate, set args.score_clip / normalize_scores, or check the reward; "
                 f"--resume continues from {latest_checkpoint(self.checkpoints) or 'the start'}")
         return {"guard/nonfinite_steps": float(self.nonfinite_total)}
+
+    def _advance_schedule_to(self, step: int) -> None:
+        """Step the scheduler to where it is after `step` PPO steps that all trained: the schedule is laid out over
+        max_steps (warm-up, decay to the end), and a skipped step (or the rest of one, when a minibatch failed
+        half-way) would otherwise shift every later learning rate and leave the decay unfinished at the last step."""
+        with warnings.catch_warnings():  # a first step skipped steps the scheduler before any optimizer.step()
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            while self.scheduler.last_epoch < step * self.optimizer_steps_per_step:
+                self.scheduler.step()
 
     def _stop_for_kl(self, step: int, mean_kl: float) -> None:
         """The policy sampled at `step` is the one saved after step - 1: that checkpoint is set aside, so --resume
