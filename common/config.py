@@ -159,7 +159,7 @@ class Recipe:
     # Named sets of overrides (dotted key -> value), chosen with `profile: NAME` or `--set profile=NAME`.
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     profile: str | None = None
-    report_to: list[str] = field(default_factory=list)  # tensorboard / mlflow / wandb; metrics.jsonl always
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers (common.tracking); metrics.jsonl always
 
     # Filled by load_recipe, not by the YAML.
     source: Path = field(default=Path("recipe.yaml"), init=False, repr=False)
