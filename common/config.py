@@ -139,6 +139,8 @@ class StageConfig:
             "use_cpu": bf16 and not _cuda_available(),
             "activation_checkpointing": recipe.model.gradient_checkpointing,
             "report_to": "none",  # common.tracking reports, with the lab's metric names
+            # Pinned memory speeds copies to an accelerator; without one torch warns at every data loader.
+            "dataloader_pin_memory": _accelerator_available(),
             "save_total_limit": 2,
             "disable_tqdm": False,
         }
@@ -235,6 +237,12 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
 
 
 def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> dict[str, Any]:
