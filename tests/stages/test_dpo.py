@@ -28,16 +28,6 @@ GOOD = ["great", "lovely", "superb", "good", "moving", "brilliant"]
 BAD = ["awful", "dull", "boring", "bad", "tedious", "weak"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a shared, busy machine two OpenMP threads spin
-    waiting for each other's core (a 3 s test takes over a minute): one thread it is."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def preference_rows(n: int, seed: int = 0, chat: bool = False) -> list[dict]:
     """An easy preference: after any prompt, a positive word beats a negative one. As text, or as chat messages
     (the preferences stage's shape), with score fields that DPO ignores."""

@@ -21,7 +21,7 @@ from ppo.config import PPOArgs
 from ppo.stage import encode_prompts
 from ppo.trainer import PPOTrainer
 from reward_model.scorers import build_scorer
-from tests.stages.test_ppo_training import FAST_ARGS, LETTERS, TOPICS, one_thread  # noqa: F401 - a fixture
+from tests.stages.test_ppo_training import FAST_ARGS, LETTERS, TOPICS
 
 MODEL = ModelConfig(base="tiny-random-llama", dtype="float32", lora=LoraSpec(r=4, alpha=8, dropout=0.0))
 # The GPU where there is one (the same tests check the CUDA path), else the CPU.

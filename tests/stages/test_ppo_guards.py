@@ -17,7 +17,7 @@ from ppo.checkpoint import latest_checkpoint
 from ppo.trainer import TrainingStopped
 from reward_model.scorers import build_scorer
 from tests.stages.test_ppo_adapters import DEVICE, MODEL, make_trainer, save_sft_stand_in
-from tests.stages.test_ppo_training import LETTERS, one_thread  # noqa: F401 - a fixture
+from tests.stages.test_ppo_training import LETTERS
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from ppo.adapters import VALUE, OneBaseModel
 from ppo.advantages import whiten
 from ppo.trainer import global_whiten, prompt_indices, step_seed, trim_padding
 from tests.stages.test_ppo_adapters import DEVICE, MODEL, make_trainer
-from tests.stages.test_ppo_training import one_thread  # noqa: F401 - a fixture
 
 
 def test_prompt_indices_walk_seeded_epochs():

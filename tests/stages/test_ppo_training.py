@@ -35,16 +35,6 @@ FAST_ARGS = {"max_steps": 2, "rollout_batch_size": 8, "minibatch_size": 4, "max_
              "learning_rate": 3.0e-3, "ppo_epochs": 2, "save_steps": 100, "sample_every": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's matrices are too small for two threads to pay off; on a shared 2-core machine the second
-    thread mostly waits (and makes the others wait)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_prompts(path, n: int = 12):
     return write_jsonl(path, [{"prompt": f"Write about {TOPICS[i % len(TOPICS)]}."} for i in range(n)])
 
