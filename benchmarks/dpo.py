@@ -85,9 +85,8 @@ def full_copy_trainer(cfg, ctx, callbacks):
 
     from common.data import load_splits
     from common.models import load_for_inference, load_tokenizer, load_trainable_model, resolve_model
-    from dpo.stage import preference_pairs, score_completion_positions_only
+    from dpo.stage import preference_pairs
 
-    score_completion_positions_only()  # as build_trainer does, so that only the reference differs
     recipe = ctx.recipe
     resolved = resolve_model(recipe.model.base)
     adapter = ctx.input_path(cfg.from_, "adapter")
@@ -101,7 +100,7 @@ def full_copy_trainer(cfg, ctx, callbacks):
 
 def speed_worker(recipe_path: str, run_root: str, reference: str, precompute: bool) -> None:
     from common.runs import Run, StageContext
-    from dpo.stage import build_trainer
+    from dpo.stage import build_trainer, completion_positions_only
     from recipes.runner import load
 
     recipe, _ = load(recipe_path, [f"stages.dpo.args.precompute_ref_log_probs={str(precompute).lower()}"])
@@ -109,9 +108,10 @@ def speed_worker(recipe_path: str, run_root: str, reference: str, precompute: bo
     timer = StepTimer()
     started = time.perf_counter()
     build = build_trainer if reference == "adapter" else full_copy_trainer
-    trainer = build(recipe.stages["dpo"], ctx, [timer])
-    setup = time.perf_counter() - started
-    trainer.train()
+    with completion_positions_only():  # as the stage trains, so that only the reference differs
+        trainer = build(recipe.stages["dpo"], ctx, [timer])
+        setup = time.perf_counter() - started
+        trainer.train()
     steps = timer.seconds[1:]  # the first step warms up allocators and kernels
     print(json.dumps({"setup_s": setup, "step_s": statistics.median(steps), "step_min_s": min(steps),
                       "train_rss_mb": timer.train_rss_mb,

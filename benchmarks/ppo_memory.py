@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from common.allocator import return_freed_memory_to_os  # noqa: E402
 from common.config import LoraSpec, ModelConfig  # noqa: E402
-from common.models import load_base_model, load_tokenizer, lora_config, resolve_model  # noqa: E402
+from common.models import disable_dropout, load_base_model, load_tokenizer, lora_config, resolve_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "recipes/data/sentiment/prompts_train.jsonl"
@@ -82,7 +82,6 @@ class SeparateCopies:
     def __init__(self, sft: Path, rm: Path, cfg: ModelConfig):
         from peft import PeftModel, get_peft_model
         from transformers import AutoTokenizer
-        from trl.trainer.utils import disable_dropout_in_model
 
         from reward_model.api import RewardModel
 
@@ -105,7 +104,7 @@ class SeparateCopies:
         self.reward = RewardModel.from_classifier(merged(rm, "seq-cls", False).eval(),
                                                   AutoTokenizer.from_pretrained(rm), info["chat"], info["max_length"])
         for model in (self.policy, self.reference, self.value):
-            disable_dropout_in_model(model)
+            disable_dropout(model)  # as OneBaseModel does
 
     def sample(self, tokenizer, prompts, params):
         from common.sampling import Sampler

@@ -157,6 +157,8 @@ class StageConfig:
             "use_cpu": bf16 and not _cuda_available(),
             "activation_checkpointing": recipe.model.gradient_checkpointing,
             "report_to": "none",  # common.tracking reports, with the lab's metric names
+            # Pinned memory speeds copies to an accelerator; without one torch warns at every data loader.
+            "dataloader_pin_memory": _accelerator_available(),
             "save_total_limit": 2,
             "disable_tqdm": False,
         }
@@ -177,7 +179,7 @@ class Recipe:
     # Named sets of overrides (dotted key -> value), chosen with `profile: NAME` or `--set profile=NAME`.
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
     profile: str | None = None
-    report_to: list[str] = field(default_factory=list)  # tensorboard / mlflow / wandb; metrics.jsonl always
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers (common.tracking); metrics.jsonl always
 
     # Filled by load_recipe, not by the YAML.
     source: Path = field(default=Path("recipe.yaml"), init=False, repr=False)
@@ -273,6 +275,12 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
 
 
 def check_trl_args(config_cls: type, args: dict[str, Any], where: str) -> dict[str, Any]:

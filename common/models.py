@@ -249,6 +249,40 @@ def load_base_model(cfg: ModelConfig, resolved: ResolvedModel, *, task: str = "c
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Switch off every dropout of `model`, wherever the architecture keeps its rate, so that train mode computes
+    what eval mode does.
+
+    `nn.Dropout` modules are not the only place: attention dropout is usually a float read from the config when a
+    layer is built and kept as an attribute (transformers' LlamaAttention: `self.attention_dropout =
+    config.attention_dropout`, passed to the attention kernel in train mode), and some models read the config at
+    forward time. So the rates are zeroed in all three places: modules, float attributes and (sub-)configs whose
+    names say dropout (`attention_dropout`, `hidden_dropout`, GPT-2's `attn_pdrop`, ...).
+    """
+    from transformers import PretrainedConfig
+
+    def is_rate(name: str, value: object) -> bool:
+        return ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float) and value > 0
+
+    configs = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if is_rate(name, value):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            configs.append(config)
+    while configs:
+        config = configs.pop()
+        for name, value in vars(config).items():
+            if is_rate(name, value):
+                setattr(config, name, 0.0)
+            elif isinstance(value, PretrainedConfig):  # a composite model's text_config, vision_config, ...
+                configs.append(value)
+
+
 def lora_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
     from peft import LoraConfig
 

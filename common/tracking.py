@@ -1,24 +1,26 @@
-"""Metrics: `metrics.jsonl` always; tensorboard / mlflow / wandb when the recipe's `report_to` asks.
+"""Metrics: `metrics.jsonl` always; any of accelerate's trackers when the recipe's `report_to` asks.
 
-Every backend receives the same namespaced names (`loss/train`, `loss/eval`, `objective/kl`, ...), so a
-plot in tensorboard, a curve in the report and a line of metrics.jsonl agree. trl / transformers stages
-log through `MetricsCallback`, which renames the Trainer's keys once, here.
+The backends are accelerate's (`accelerate.tracking`: tensorboard, wandb, mlflow, trackio, aim, comet_ml, clearml,
+dvclive, swanlab), the writers `Accelerator(log_with=...)` uses; the lab only picks where each writes. Every backend
+receives the same namespaced names (`loss/train`, `loss/eval`, `objective/kl`, ...), so a plot in tensorboard, a
+curve in the report and a line of metrics.jsonl agree. trl / transformers stages log through `MetricsCallback`,
+which renames the Trainer's keys once, here.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
-from typing import Any
 
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, get_available_trackers
 from transformers import TrainerCallback
 
 from common.errors import InputError
 
-BACKENDS = ("tensorboard", "mlflow", "wandb")
+BACKENDS = tuple(LOGGER_TYPE_TO_CLASS)
 
 # Trainer key -> lab name; any other `eval_x` becomes `eval/x`, a key with a '/' is kept, the rest `train/x`.
 TRAINER_NAMES = {
@@ -48,7 +50,7 @@ def check_report_to(report_to: list[str] | str | None, where: str) -> list[str]:
     for n in names:
         if n not in BACKENDS:
             raise InputError(f"recipe: {where}: unknown tracker '{n}'; use any of {', '.join(BACKENDS)} or none")
-        if importlib.util.find_spec(n) is None:
+        if n not in {str(t) for t in get_available_trackers()}:
             raise InputError(f"recipe: {where} asks for {n}, which is not installed; `pip install {n}` in the "
                              "venv or remove it from report_to")
     return names
@@ -61,12 +63,12 @@ class Tracker:
                  config: dict | None = None):
         self.is_main = is_main
         self.path = stage_dir / "metrics.jsonl"
-        self.backends: list[Any] = []
+        self.backends: list[GeneralTracker] = []
         if not is_main:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
         for name in report_to:
-            self.backends.append(_open_backend(name, stage_dir, run_name, config or {}))
+            self.backends.append(open_backend(name, stage_dir, run_name, config or {}))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.is_main:
@@ -75,11 +77,11 @@ class Tracker:
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean}) + "\n")
         for backend in self.backends:
-            backend.log(clean, step)
+            backend.log(clean, step=step)
 
     def close(self) -> None:
         for backend in self.backends:
-            backend.close()
+            backend.finish()
         self.backends = []
 
 
@@ -115,55 +117,25 @@ class MetricsCallback(TrainerCallback):
         self.tracker.log(metrics, state.global_step)
 
 
-class _TensorBoard:
-    def __init__(self, stage_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
+def open_backend(name: str, stage_dir: Path, run_name: str, config: dict) -> GeneralTracker:
+    """Start accelerate's tracker `name` for one stage, with the stage's config as its hyperparameters.
 
-        self.writer = SummaryWriter(str(stage_dir / "tensorboard"))
+    A tracker that writes files (tensorboard, aim) writes them in `<stage>/<name>/`, inside the run directory; the
+    others are named `run_name` (`<recipe>/<stage>`: wandb's project, mlflow's experiment, ...). MLflow, unless
+    MLFLOW_TRACKING_URI names a server, gets a file store in `<stage>/mlruns`: it works offline and travels with the
+    run directory.
+    """
+    tracker_class = LOGGER_TYPE_TO_CLASS[name]
+    if tracker_class.requires_logging_directory:
+        tracker = tracker_class(name, stage_dir)
+    else:
+        if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+            import mlflow
 
-    def log(self, metrics, step):
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
-        self.writer.flush()
-
-    def close(self):
-        self.writer.close()
-
-
-class _MLflow:
-    def __init__(self, stage_dir: Path, run_name: str, config: dict):
-        import mlflow
-
-        # A local file store inside the run: works offline and travels with the run directory.
-        mlflow.set_tracking_uri((stage_dir / "mlruns").resolve().as_uri())
-        self.mlflow = mlflow
-        self.run = mlflow.start_run(run_name=run_name)
-        mlflow.log_params({k: str(v)[:250] for k, v in config.items()})
-
-    def log(self, metrics, step):
-        # mlflow metric names may not contain some characters; '/' is allowed.
-        self.mlflow.log_metrics(metrics, step=step)
-
-    def close(self):
-        self.mlflow.end_run()
-
-
-class _Wandb:
-    def __init__(self, stage_dir: Path, run_name: str, config: dict):
-        import wandb
-
-        self.run = wandb.init(name=run_name, dir=str(stage_dir), config=config, reinit=True)
-
-    def log(self, metrics, step):
-        self.run.log(metrics, step=step)
-
-    def close(self):
-        self.run.finish()
-
-
-def _open_backend(name: str, stage_dir: Path, run_name: str, config: dict):
-    if name == "tensorboard":
-        return _TensorBoard(stage_dir)
-    if name == "mlflow":
-        return _MLflow(stage_dir, run_name, config)
-    return _Wandb(stage_dir, run_name, config)
+            mlflow.set_tracking_uri((stage_dir / "mlruns").resolve().as_uri())
+        tracker = tracker_class(run_name)
+    tracker.start()
+    # Hyperparameter tables take scalars only (tensorboard's add_hparams refuses lists): anything else as its text.
+    tracker.store_init_configuration({k: v if isinstance(v, (bool, int, float, str)) or v is None else str(v)
+                                      for k, v in config.items()})
+    return tracker

@@ -20,9 +20,12 @@ names without `eval/`. Output: `adapter/`, a PEFT adapter + tokenizer that `Peft
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
+import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
@@ -38,10 +41,21 @@ from common.tracking import MetricsCallback, Tracker
 
 log = logging.getLogger(__name__)
 
-# trl 1.16's loss types (DPOConfig.loss_type, dispatched in DPOTrainer._compute_loss). trl rejects an unknown name
-# only when the first batch's loss is computed, so the recipe checks them when it loads.
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+def trl_loss_types() -> tuple[str, ...]:
+    """trl's DPO loss types, read from trl: the names its DPOConfig.loss_type field lists (trl 1.16 keeps no constant
+    of them; DPOTrainer._compute_loss dispatches on the same names). trl rejects an unknown name only when the first
+    batch's loss is computed, so the recipe checks them when it loads."""
+    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    names = tuple(re.findall(r"`'(\w+)'`", help_text.split("If multiple")[0]))
+    if not names:
+        raise RuntimeError("dpo.stage: cannot read the loss types from trl's DPOConfig.loss_type help text; trl "
+                           f"{trl.__version__} changed it, so update dpo.stage.trl_loss_types")
+    return names
+
+
+LOSS_TYPES = trl_loss_types()
 # f-DPO regularisers (Wang et al. 2023) and the losses built on the chosen-rejected difference, the only ones that
 # admit a non-default one (DPOTrainer.__init__).
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -96,17 +110,27 @@ def check_dpo_options(args: DPOConfig, where: str) -> None:
                          "reference as an adapter; remove it")
 
 
-def score_completion_positions_only() -> None:
-    """Make trl's fused LM head project only the completion positions on every device, as it does on CUDA.
+@contextlib.contextmanager
+def completion_positions_only() -> Iterator[None]:
+    """Within the block, trl's fused LM head projects only the completion positions on every device, as it does on
+    CUDA; the process is left as it was after it.
 
     trl 1.16 (utils.add_fused_lm_head) projects only the positions whose label is not -100 when `_use_triton(device)`
     is true, and every position otherwise, so that tile shapes stay fixed for compilers such as Neuron's. On CPU that
     runs the LM head, its softmax statistics and their backward over the prompt positions too, whose log-probs are
     then zeroed: about half of a DPO step on the default task (prompts are longer than the reviews). The log-probs,
     the loss and every logged metric are the same either way (tests/stages/test_dpo.py); DPO steps take half the
-    time. The choice of kernel is `trl.kernels.chunked_logprob._use_triton`, a separate name, left alone.
+    time. `trl.trainer.utils._use_triton` is private, so it is replaced only while the DPO trainer is built (the
+    reference log-probs may be precomputed there) and runs, then restored: other trainers in the process (a chain
+    runs several) see trl as shipped. The choice of kernel is `trl.kernels.chunked_logprob._use_triton`, a separate
+    name, left alone.
     """
+    shipped = trl.trainer.utils._use_triton
     trl.trainer.utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl.trainer.utils._use_triton = shipped
 
 
 def preference_pairs(ds: datasets.Dataset) -> datasets.Dataset:
@@ -117,7 +141,6 @@ def preference_pairs(ds: datasets.Dataset) -> datasets.Dataset:
 def build_trainer(cfg: DPOStage, ctx: StageContext, callbacks: list | None = None) -> DPOTrainer:
     recipe = ctx.recipe
     where = f"stages.{ctx.name}"
-    score_completion_positions_only()
     resolved = resolve_model(recipe.model.base)
     tokenizer = load_tokenizer(resolved)
     splits = load_splits(cfg.data, recipe, "preference", f"{where}.data",
@@ -145,8 +168,9 @@ def train(cfg: DPOStage, ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     tracker = Tracker(ctx.dir, recipe.report_to, f"{recipe.name}/{ctx.name}", ctx.is_main, cfg.args)
     metrics_cb = MetricsCallback(tracker)
-    trainer = build_trainer(cfg, ctx, [metrics_cb])
-    train_and_evaluate(trainer, ctx)  # ends with held-out implicit-reward accuracy and margins
+    with completion_positions_only():
+        trainer = build_trainer(cfg, ctx, [metrics_cb])
+        train_and_evaluate(trainer, ctx)  # ends with held-out implicit-reward accuracy and margins
     tracker.close()
 
     # The output is the policy alone: save_pretrained would also write the frozen reference copy as adapter/ref/.

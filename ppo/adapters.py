@@ -31,12 +31,11 @@ import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from trl.trainer.utils import disable_dropout_in_model
 
 from common.adapters import activate, adapters_off, set_trainable
 from common.config import ModelConfig
 from common.generation import position_ids, response_logprobs
-from common.models import ResolvedModel, load_base_model, lora_config
+from common.models import ResolvedModel, disable_dropout, load_base_model, lora_config
 from common.sampling import Sampler, Samples, SamplingParams
 from reward_model.api import HEAD_FILE as REWARD_HEAD_FILE
 from reward_model.api import RewardModel
@@ -72,8 +71,9 @@ class OneBaseModel:
         nn.init.zeros_(self.value_head.bias)
         # Dropout would make the PPO ratio noisy and break old == new log-probs at the first step (Huang et al.
         # 2024, "The N+ Implementation Details of RLHF with PPO", detail 1); train mode is still used, for
-        # gradient checkpointing.
-        disable_dropout_in_model(self.peft)
+        # gradient checkpointing. Rates kept in the config and in attributes too (attention dropout), not only the
+        # nn.Dropout modules, so the first ratio is 1 for any architecture.
+        disable_dropout(self.peft)
         # bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first eval-mode forward (the
         # rollout) and from then on uses that kernel, which has no backward, in training too: the gradient through
         # the frozen base to earlier layers' adapters would silently vanish (bitsandbytes 0.50, nn/modules.py,

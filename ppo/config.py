@@ -47,11 +47,13 @@ class PPOArgs:
     score_clip: float | None = None
     # --- KL penalty against the reference: beta fixed, or adaptive when kl_target is set (Ziegler et al. 2019)
     kl_coef: float = 0.05
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    # null: k1 in the reward, k2 in the loss (ppo/kl.py: the estimators whose value, resp. on-policy gradient, is
+    # that of KL(pi || pi_ref)). The same estimator measures objective/kl for the controller and the ceiling.
+    kl_estimator: Literal["k1", "k2", "k3"] | None = None
     kl_target: float | None = None
     kl_horizon: float = 10000.0
     # true: -beta * KL per token in the reward (Ziegler et al.); false: beta * KL added to the loss instead
-    # (then k3 is the usual estimator: Shao et al. 2024, GRPO, eq. 4).
+    # (k2 by default; k3 as in GRPO, Shao et al. 2024, eq. 4, follows the gradient of the forward KL(pi_ref || pi)).
     kl_in_reward: bool = True
     # --- advantages and losses
     gamma: float = 1.0
@@ -104,9 +106,24 @@ class PPOArgs:
         if self.minibatch_size % self.gradient_accumulation_steps:
             raise InputError(f"recipe: {where}.gradient_accumulation_steps ({self.gradient_accumulation_steps}) must "
                              f"divide minibatch_size ({self.minibatch_size})")
+        if not self.kl_in_reward and self.kl_estimator == "k1":
+            raise InputError(f"recipe: {where}.kl_estimator: k1 with kl_in_reward: false puts beta * mean(log pi - "
+                             "log pi_ref) in the loss, whose gradient averages to zero on-policy (the reference "
+                             "is never enforced); use kl_estimator: k2 (or null), or kl_in_reward: true")
         if self.value_init == "reward" and self.value_model != "separate":
             raise InputError(f"recipe: {where}.value_init: reward copies the reward model's adapter into the value "
                              "adapter; set value_model: separate too")
+        if self.value_init == "reward" and self.normalize_scores:
+            # The copied head predicts the reward model's raw scores, while the returns it would be fitted to are
+            # standardised per batch: the first value targets would sit on another scale than its predictions.
+            raise InputError(f"recipe: {where}.value_init: reward starts the value head at the reward model's raw "
+                             "scores, but normalize_scores: true standardises the returns; set one of them off "
+                             "(value_init: fresh, or normalize_scores: false)")
+
+    @property
+    def kl_estimator_used(self) -> str:
+        """`kl_estimator`, or when it is null the default for where the KL goes (see the field's comment)."""
+        return self.kl_estimator or ("k1" if self.kl_in_reward else "k2")
 
     @property
     def micro_batch_size(self) -> int:

@@ -6,9 +6,22 @@ whole response is estimated from the sampled tokens only, one term per token, wi
 Schulman, "Approximating KL divergence" (2020, http://joschu.net/blog/kl-approx.html):
 
     k1 = log p(x) - log p_ref(x)            unbiased, can be negative on a single token
+    k2 = 1/2 (log p(x) - log p_ref(x))^2    biased (exact to second order), never negative
     k3 = (r - 1) - log r,  r = p_ref / p     unbiased and never negative (r - 1 >= log r)
 
-Both estimate KL(pi || pi_ref) because the tokens x are sampled from pi (the policy).
+All three estimate KL(pi || pi_ref) because the tokens x are sampled from pi (the policy).
+
+As a reward (`kl_in_reward: true`) only the value matters and k1 is the usual choice. As a term added to the loss
+(`kl_in_reward: false`) what matters is its gradient through log pi with the tokens held fixed, averaged over
+x ~ pi (Tang & Munos 2025, "On a Few Pitfalls in KL Divergence Gradient Estimation for RL", sec. 3):
+
+    k1:  E_pi[grad log p]                          = 0                        no pull towards pi_ref at all
+    k2:  E_pi[(log p - log p_ref) grad log p]      = grad KL(pi || pi_ref)    the reverse KL of the reward above
+    k3:  E_pi[(1 - p_ref / p) grad log p]          = grad KL(pi_ref || pi)    the forward (mass-covering) KL
+
+So in the loss k2 is the one whose gradient is that of the KL the RLHF objective penalises; k3-in-loss (GRPO,
+Shao et al. 2024, eq. 4) pulls pi towards pi_ref too, but along the forward KL. tests/unit/test_ppo_math.py
+checks these three expectations exactly on a small categorical distribution.
 
 The coefficient `beta` is either fixed or adapted towards a target KL (Ziegler et al. 2019, eq. 2). The
 controllers here hold only a float and are plain Python; `state_dict()` / `load_state_dict()` let a
@@ -22,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -31,7 +44,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     Args:
         logprobs: log pi(x_t | x_<t) of the sampled tokens under the policy, any shape.
         ref_logprobs: the same tokens' log-probs under the reference model, same shape.
-        estimator: "k1" (log-ratio) or "k3" ((r - 1) - log r with r = p_ref / p); see the module docstring.
+        estimator: "k1" (log-ratio), "k2" (half the squared log-ratio) or "k3" ((r - 1) - log r with
+            r = p_ref / p); see the module docstring for which to use where.
 
     Returns:
         A tensor of the inputs' shape. Padding is not masked here: callers mask (see
@@ -45,6 +59,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     log_ratio = logprobs - ref_logprobs  # log p - log p_ref
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
     if estimator == "k3":
         # log r = log p_ref - log p = -log_ratio; k3 = (r - 1) - log r. expm1 keeps precision when r ~ 1,
         # which is the usual case early in training (a naive exp(x) - 1 loses ~7 digits there in float32).

@@ -3,7 +3,7 @@
     for step in 1 .. max_steps:
         prompts      <- this process's share of the global batch (a seeded permutation per epoch)
         responses    <- sample from the policy (KV cache, temperature T), cut after the first EOS
-        scores       <- gold scorer or reward model on (prompt, response); missing-EOS penalty; normalise / clip
+        scores       <- gold scorer or reward model on (prompt, response); normalise; missing-EOS penalty; clip
         log-probs    <- policy (old) and reference, recomputed at temperature T; values V(s_t)
         rewards      <- score at the last token - beta * KL per token        (Ziegler et al. 2019, eq. 1)
         advantages   <- GAE(gamma, lambda), whitened over the global batch   (Schulman et al. 2016)
@@ -18,7 +18,8 @@ with one all-reduce of the flattened trainable parameters' gradients (the adapte
 applies the same update to the same weights, so the adapters stay identical without DDP's wrapper, which would
 broadcast the frozen base at start and cannot follow a forward that switches adapters.
 
-Guards: a step whose scores, log-probs, values or losses are not finite is skipped (counted in `guard/...`);
+Guards: a step whose scores, log-probs, values or losses are not finite is skipped (counted in `guard/...`; the
+learning-rate schedule still advances by the step's share);
 `max_nonfinite_steps` in a row stop the run. A mean KL per response above `kl_ceiling` stops it before the update,
 and sets aside the checkpoint that holds the offending policy, so --resume continues from the last good one.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -172,9 +174,9 @@ class PPOTrainer:
         self.device = accelerator.device
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        minibatches = args.rollout_batch_size // args.minibatch_size
+        self.optimizer_steps_per_step = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.warmup_steps,
-                                       num_training_steps=args.max_steps * args.ppo_epochs * minibatches)
+                                       num_training_steps=args.max_steps * self.optimizer_steps_per_step)
         self.kl_ctl = make_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
         self.step = 0  # completed PPO steps
         self.nonfinite_in_a_row = 0
@@ -225,7 +227,7 @@ class PPOTrainer:
         if self._anywhere(not (finite and bool(torch.isfinite(rollout.scores).all()))):
             return self._skip(step, "scores, log-probs or values")
 
-        kl = torch.where(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, args.kl_estimator), 0.0)
+        kl = torch.where(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, args.kl_estimator_used), 0.0)
         kl_per_response = kl.sum(1)
         mean_kl = float(self._gather(kl_per_response).mean())
         if args.kl_ceiling is not None and mean_kl > args.kl_ceiling:
@@ -289,14 +291,17 @@ class PPOTrainer:
         return rollout, completions, timing
 
     def shape_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
-        """The score that enters the reward: missing-EOS penalty, then (optionally) standardised over the global
-        batch and clipped."""
+        """The score that enters the reward: (optionally) standardised over the global batch, then the missing-EOS
+        penalty, then clipped. Penalising after standardising keeps the penalty in the units the recipe gives it
+        (standardising after would cost a response penalty / sigma and inflate sigma itself). trl's PPO trainer
+        did the same: it subtracted the penalty from the reward model's scores, which the N+ recipe has normalised
+        beforehand (Huang et al. 2024, details 8 and 10)."""
         args = self.args
-        if args.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, scores - args.missing_eos_penalty)
         if args.normalize_scores:
             everyone = self._gather(scores)
             scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
+        if args.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - args.missing_eos_penalty)
         if args.score_clip is not None:
             scores = scores.clamp(-args.score_clip, args.score_clip)
         return scores
@@ -345,8 +350,9 @@ class PPOTrainer:
         if args.entropy_coef > 0:
             loss = loss - args.entropy_coef * masked_mean(out.entropy, mask)
         if not args.kl_in_reward:
-            # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs.
-            loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator), mask)
+            # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs (which
+            # gradient each estimator follows: ppo/kl.py).
+            loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator_used), mask)
         values = out.values
         if values is None:
             if not self._backward(loss):
@@ -389,7 +395,7 @@ class PPOTrainer:
         """The step's metrics, over the global batch.
 
         objective/scores: mean raw score (before the missing-EOS penalty, normalisation and clipping);
-        objective/kl: mean over responses of the summed per-token KL estimate (args.kl_estimator);
+        objective/kl: mean over responses of the summed per-token KL estimate (args.kl_estimator_used);
         objective/non_score_reward: -beta * objective/kl; objective/rlhf_reward: mean of (shaped score - beta * KL),
         the objective PPO maximises; objective/entropy: mean entropy of the policy at the response tokens.
         policy/*, loss/*, val/clipfrac_avg and val/ratio: means over the update's micro-batches;
@@ -429,8 +435,9 @@ class PPOTrainer:
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
-        log.warning("ppo step %d: non-finite %s; the batch is skipped (%d in a row)", step, what,
-                    self.nonfinite_in_a_row)
+        self._advance_schedule_to(step)
+        log.warning("ppo step %d: non-finite %s; the batch is skipped (%d in a row) and the learning-rate schedule "
+                    "moves on as if it had trained", step, what, self.nonfinite_in_a_row)
         if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
             self.tracker.log({"guard/nonfinite_steps": float(self.nonfinite_total)}, step)
             raise TrainingStopped(
@@ -438,6 +445,15 @@ class PPOTrainer:
                 f"Lower args.learning_rate, set args.score_clip / normalize_scores, or check the reward; "
                 f"--resume continues from {latest_checkpoint(self.checkpoints) or 'the start'}")
         return {"guard/nonfinite_steps": float(self.nonfinite_total)}
+
+    def _advance_schedule_to(self, step: int) -> None:
+        """Step the scheduler to where it is after `step` PPO steps that all trained: the schedule is laid out over
+        max_steps (warm-up, decay to the end), and a skipped step (or the rest of one, when a minibatch failed
+        half-way) would otherwise shift every later learning rate and leave the decay unfinished at the last step."""
+        with warnings.catch_warnings():  # a first step skipped steps the scheduler before any optimizer.step()
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            while self.scheduler.last_epoch < step * self.optimizer_steps_per_step:
+                self.scheduler.step()
 
     def _stop_for_kl(self, step: int, mean_kl: float) -> None:
         """The policy sampled at `step` is the one saved after step - 1: that checkpoint is set aside, so --resume

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from common.errors import DiskFullError, InputError
+from common.noise import quiet_library_noise
 from eval import cli as eval_cli
 
 EXIT_CODES = (f"exit codes: 0 done; {InputError.exit_code} bad input, one line on stderr (found mid-run, the run "
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    # bitsandbytes announces, at import, an optional hub-downloaded CPU kernel it falls back from; harmless.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_library_noise()
     # Tokenizers' own thread pool fights torch for the cores and warns after forks; torch does the work.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

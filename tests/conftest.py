@@ -23,6 +23,17 @@ def pytest_configure(config):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread in every test, whatever a library set before it: the tiny models' matrices are too small for
+    a second thread to pay off, and on a shared, busy machine OpenMP threads spin waiting for each other's core
+    (a 3 s test then takes over a minute)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from common.tiny import save_tiny_model

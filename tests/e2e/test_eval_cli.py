@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from recipes.cli import main
@@ -16,15 +15,6 @@ QUESTIONS = [
     {"question": "What colour is the sky?", "choices": ["blue", "green", "red"], "answer": 0, "subject": "nature"},
     {"question": "What colour is grass?", "choices": ["blue", "green"], "answer": 1, "subject": "nature"},
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared CPU its synchronisation costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,13 @@
 """The DPO stage on the tiny in-process model: it learns an easy preference held out, its reference (the SFT
 adapter, or the base) and the base weights stay bit-identical, QLoRA runs on CPU, a beta sweep runs one stage per
-value, and bad input stops with one line and exit code 2."""
+value, every trl loss type takes a step from its hand-worked first loss, and bad input stops with one line and
+exit code 2."""
 
 from __future__ import annotations
 
 import json
+import math
 import random
-import re
 import shutil
 
 import pytest
@@ -14,28 +15,17 @@ import torch
 import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
-from trl import DPOConfig
 
 from common.models import load_base_model, load_tokenizer, resolve_model
 from common.runs import Run, StageContext
 from common.tracking import read_metrics
-from dpo.stage import LOSS_TYPES, build_trainer
+from dpo.stage import LOSS_TYPES, build_trainer, completion_positions_only
 from recipes.cli import main
 from recipes.runner import RunOptions, load, run_recipe
 from tests.conftest import write_jsonl
 
 GOOD = ["great", "lovely", "superb", "good", "moving", "brilliant"]
 BAD = ["awful", "dull", "boring", "bad", "tedious", "weak"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from a second thread, and on a shared, busy machine two OpenMP threads spin
-    waiting for each other's core (a 3 s test takes over a minute): one thread it is."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def preference_rows(n: int, seed: int = 0, chat: bool = False) -> list[dict]:
@@ -95,8 +85,8 @@ def test_learns_held_out_preference_while_reference_adapter_and_base_stay_bit_id
 def test_lm_head_scores_only_completion_positions_with_the_log_probs_of_scoring_all(recipe_file, tmp_path,
                                                                                    monkeypatch):
     import trl.trainer.utils as trl_utils
-    from trl.kernels.chunked_logprob import _use_triton as trl_choice  # False on CPU: every position
 
+    shipped = trl_utils._use_triton  # False on CPU: every position
     path = write_recipe(tmp_path, dpo_recipe(recipe_file, tmp_path, preference_rows(16, chat=True)))
     run = run_recipe(path, RunOptions(overrides=[], stage="sft", output_dir=tmp_path / "runs"))
     trainer = build_trainer(run.recipe.stages["dpo"], StageContext(run, "dpo"))
@@ -112,8 +102,9 @@ def test_lm_head_scores_only_completion_positions_with_the_log_probs_of_scoring_
             return trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  labels=labels, fused_lm_head=True).log_probs
 
-    compact = log_probs()
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_choice)
+    with completion_positions_only():
+        compact = log_probs()
+    assert trl_utils._use_triton is shipped, "trl is left as shipped after the block"
     full = log_probs()
     assert projected == [int((labels[:, 1:] != -100).sum()), labels[:, 1:].numel()]
     assert projected[0] < projected[1] / 2, "the prompt positions are most of a pair's tokens here"
@@ -194,16 +185,61 @@ def test_qlora_from_the_base_runs_on_cpu_with_precomputed_reference(recipe_file,
     assert all(not torch.equal(params[k], v) for k, v in lora_b.items())
 
 
-def test_every_trl_loss_type_is_reachable_from_the_recipe(recipe_file, tmp_path):
-    help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
-    trl_losses = re.findall(r"`'(\w+)'`", help_text.split("If multiple")[0])
-    assert sorted(trl_losses) == sorted(LOSS_TYPES), "trl's loss types changed: update dpo.stage.LOSS_TYPES"
-    path = write_recipe(tmp_path, dpo_recipe(recipe_file, tmp_path))
-    for loss in LOSS_TYPES:
-        recipe, _ = load(path, [f"stages.dpo.args.loss_type=[{loss}]", "stages.dpo.args.label_smoothing=0.1",
-                                "stages.dpo.args.precompute_ref_log_probs=true"])
-        args = recipe.stages["dpo"].trainer_args(recipe, "stages.dpo", tmp_path)
-        assert args.loss_type == [loss] and args.label_smoothing == 0.1 and args.precompute_ref_log_probs
+LOG2 = math.log(2)
+# The first batch's loss of each trl loss type when the policy is its reference (a fresh LoRA, B = 0, against the base
+# with adapters disabled): every log-ratio is 0. With beta 0.1 and label_smoothing 0.1 (trl 1.16,
+# DPOTrainer._compute_loss), s = sigmoid:
+FIRST_LOSS = {
+    "sigmoid": LOG2,  # -log sigmoid(0)
+    "hinge": 1.0,  # relu(1 - 0)
+    "ipo": 25.0,  # (0 - 1 / (2 * 0.1))^2
+    "exo_pair": math.log(1 / 0.6),  # 0.5 (-log 2 - log 0.9) + 0.5 (-log 2 - log 0.1) = -log 2 - 0.5 log 0.09
+    "nca_pair": 2 * LOG2,  # -log s(0) - 0.5 log s(0) - 0.5 log s(0)
+    "robust": LOG2,  # (0.9 log 2 - 0.1 log 2) / (1 - 0.2)
+    "bco_pair": 2 * LOG2,  # -log s(0) - log s(0)
+    "sppo_hard": 50.0,  # (0 - 0.5 / 0.1)^2 + (0 + 0.5 / 0.1)^2
+    "aot": LOG2,  # 0.9 (-log s(0)) + 0.1 (-log s(0))
+    "aot_unpaired": LOG2,
+    "apo_zero": 1.0,  # 1 - s(0) + s(0)
+    "apo_down": 1.0,  # s(0) + 1 - s(0)
+    "discopop": 0.5 * LOG2 + 0.5,  # modulation s(0 / tau) = 0.5 between -log s(0) and exp(-0)
+    "sft": None,  # the chosen completions' NLL: checked against the model below
+    "sigmoid_norm": LOG2,  # -log sigmoid(0), on per-token averages
+}
+
+
+def test_the_loss_types_are_trls_own_names():
+    # Read from trl (dpo.stage.trl_loss_types), so a new trl loss needs no change here; the ones below must be there.
+    assert {"sigmoid", "ipo", "hinge", "robust", "sft"} <= set(LOSS_TYPES) and len(set(LOSS_TYPES)) == len(LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss", LOSS_TYPES)
+def test_one_step_of_every_trl_loss_type_on_the_tiny_model(recipe_file, tmp_path, loss):
+    recipe = dpo_recipe(recipe_file, tmp_path, preference_rows(4, chat=True), data={"path": "prefs.jsonl",
+                                                                                    "test_size": 0})
+    del recipe["stages"]["dpo"]["from"]  # a fresh LoRA: the policy starts as its reference, the base
+    recipe["stages"]["dpo"]["args"] |= {"max_steps": 1, "per_device_train_batch_size": 4, "loss_type": [loss],
+                                        "label_smoothing": 0.1, "logging_steps": 1}
+    loaded, raw = load(write_recipe(tmp_path, recipe), [])
+    run = Run.create(loaded, "", raw, [], output_dir=tmp_path / "runs")
+    with completion_positions_only():
+        trainer = build_trainer(loaded.stages["dpo"], StageContext(run, "dpo"))
+        batch = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            first = float(trainer.compute_loss(trainer.model, batch))
+        if FIRST_LOSS[loss] is None:  # sft: the mean NLL of the chosen completions' tokens
+            chosen = {k: v[:4] for k, v in batch.items() if isinstance(v, torch.Tensor) and len(v) == 8}
+            with torch.no_grad():
+                logits = trainer.model(input_ids=chosen["input_ids"], attention_mask=chosen["attention_mask"]).logits
+            logps = logits[:, :-1].log_softmax(-1).gather(-1, chosen["input_ids"][:, 1:, None])[..., 0]
+            expected = float(-logps[chosen["completion_mask"][:, 1:].bool()].mean())
+        else:
+            expected = FIRST_LOSS[loss]
+        assert first == pytest.approx(expected, abs=1e-5)
+        lora_b = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_B" in k}
+        trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(params[k], v) for k, v in lora_b.items()), f"{loss}: one step moved the adapter"
 
 
 BAD_INPUT = {

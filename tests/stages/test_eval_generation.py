@@ -24,15 +24,6 @@ PROMPTS = ["Review the film 'Heat'.", [{"role": "user", "content": "Review 'Up'.
 SETTINGS = SamplingSettings(samples_per_prompt=2, max_new_tokens=6, temperature=1.0, token_budget=256, seed=7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared CPU its synchronisation costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_distinct_n_counts_unique_ngrams_over_all_completions():
     texts = ["a b a b", "a c", ""]
     # unigrams a b a b a c: 3 distinct of 6; bigrams (a b) (b a) (a b) (a c): 3 distinct of 4.

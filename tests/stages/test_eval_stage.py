@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from recipes.cli import main
@@ -28,15 +27,6 @@ EVAL = {
     "mc": {"data": {"path": "mc.jsonl"}},
     "judge": {"baseline": "sft", "local": {"batch_size": 4}},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared CPU its synchronisation costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from ppo.adapters import POLICY, REFERENCE, VALUE, OneBaseModel
 from ppo.config import PPOArgs
 from ppo.trainer import PPOTrainer, rollout_prompts
 from preferences.scorers import build_scorer
-from tests.stages.test_ppo_training import FAST_ARGS, LETTERS, TOPICS, one_thread  # noqa: F401 - a fixture
+from tests.stages.test_ppo_training import FAST_ARGS, LETTERS, TOPICS
 
 MODEL = ModelConfig(base="tiny-random-llama", dtype="float32", lora=LoraSpec(r=4, alpha=8, dropout=0.0))
 # The GPU where there is one (the same tests check the CUDA path), else the CPU.
@@ -129,6 +129,28 @@ def test_without_sft_the_reference_is_the_base_with_adapters_disabled(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.reference_logprobs(ids, mask, start, 1.0), expected)
         assert (model.policy_forward(ids, mask, start, 1.0).logprobs - expected).abs().max() > 1e-3
+
+
+def test_dropout_kept_in_the_model_config_is_off_too_so_train_mode_log_probs_are_eval_mode_ones(tmp_path):
+    """Llama keeps attention dropout as a float copied from its config, not as an nn.Dropout module: a model saved
+    with attention_dropout 0.5 must still give the first PPO ratio exactly 1."""
+    from common.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tiny = build_tiny_model(tokenizer)
+    tiny.config.attention_dropout = 0.5
+    tiny.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    cfg = ModelConfig(base=str(tmp_path / "model"), dtype="float32", lora=MODEL.lora)
+    model = OneBaseModel.build(cfg, resolve_model(cfg.base), None, "shared", DEVICE)
+    ids, mask, start = fixed_batch()
+    with torch.no_grad():
+        model.eval()
+        expected = model.policy_forward(ids, mask, start, 1.0).logprobs
+        model.train()
+        for _ in range(2):
+            torch.testing.assert_close(model.policy_forward(ids, mask, start, 1.0).logprobs, expected, atol=0, rtol=0)
+    assert model.lm.config.attention_dropout == 0.0
 
 
 def test_shared_value_comes_from_the_policy_forward_pass(tmp_path):

@@ -17,7 +17,7 @@ from ppo.checkpoint import latest_checkpoint
 from ppo.trainer import TrainingStopped
 from preferences.scorers import build_scorer
 from tests.stages.test_ppo_adapters import DEVICE, MODEL, make_trainer, save_sft_stand_in
-from tests.stages.test_ppo_training import LETTERS, one_thread  # noqa: F401 - a fixture
+from tests.stages.test_ppo_training import LETTERS
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,26 @@ def test_a_nonfinite_reward_skips_the_step_and_training_goes_on(tmp_path):
     assert "objective/scores" not in rows[1], "a skipped step logs only the guard"
     assert all(math.isfinite(v) for r in rows for v in r.values())
     assert trainer.nonfinite_in_a_row == 0, "a good step resets the count"
+
+
+def test_a_skipped_step_still_advances_the_learning_rate_schedule(tmp_path):
+    letters = build_scorer(LETTERS)
+
+    def nan_at_first(prompts, completions):
+        nan_at_first.calls += 1
+        scores = letters.score(prompts, completions)
+        return [math.nan] * len(scores) if nan_at_first.calls == 1 else scores
+
+    nan_at_first.calls = 0
+    trainer = make_trainer(build(), tmp_path, reward_fn=nan_at_first, max_steps=3, learning_rate=3e-3)
+    trainer.train()
+    # 2 PPO epochs x 8 / 4 minibatches = 4 optimizer steps a PPO step, 12 in all, linear decay from 3e-3 to 0. Step 1
+    # is skipped, yet after step 2 the schedule stands at 8 of 12, as in a run where step 1 trained:
+    # 3e-3 * (12 - 8) / 12 = 1e-3 (not 3e-3 * 8 / 12 = 2e-3, and the run would end at 1e-3 rather than 0).
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["guard/nonfinite_steps"] for r in rows] == [1, 1, 1]
+    assert rows[1]["train/learning_rate"] == pytest.approx(1e-3, abs=1e-12)
+    assert rows[2]["train/learning_rate"] == 0.0
 
 
 @pytest.mark.parametrize("broken", ["reward", "reference"])

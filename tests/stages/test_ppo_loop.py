@@ -13,7 +13,6 @@ from ppo.adapters import VALUE, OneBaseModel
 from ppo.advantages import whiten
 from ppo.trainer import global_whiten, prompt_indices, step_seed, trim_padding
 from tests.stages.test_ppo_adapters import DEVICE, MODEL, make_trainer
-from tests.stages.test_ppo_training import one_thread  # noqa: F401 - a fixture
 
 
 def test_prompt_indices_walk_seeded_epochs():
@@ -110,12 +109,13 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged(tmp_path, value_m
 
 def test_scores_are_penalised_normalised_and_clipped_by_hand(tmp_path):
     model = OneBaseModel.build(MODEL, resolve_model(MODEL.base), None, "shared", DEVICE)
-    trainer = make_trainer(model, tmp_path, missing_eos_penalty=1.0, normalize_scores=True, score_clip=1.0)
+    trainer = make_trainer(model, tmp_path, missing_eos_penalty=1.0, normalize_scores=True, score_clip=1.2)
     scores, has_eos = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([True, True, False, True])
-    # The third has no EOS: 3 - 1 = 2. Then [1, 2, 2, 6] has mean 2.75 and unbiased std sqrt(14.75 / 3) = 2.21736,
-    # so (x - 2.75) / 2.21736 = [-0.78922, -0.33824, -0.33824, 1.46570]; clipping to [-1, 1] caps the last.
+    # Standardised first: [1, 2, 3, 6] has mean 3 and unbiased std sqrt(14 / 3) = 2.1602469, so (x - 3) / 2.1602469
+    # = [-0.9258201, -0.4629100, 0, 1.3887301]. Then the third, with no EOS, loses the full penalty: 0 - 1 = -1 (had
+    # the penalty come first, it would cost 1 / sigma and change sigma). Clipping to [-1.2, 1.2] caps the last.
     shaped = trainer.shape_scores(scores.to(DEVICE), has_eos.to(DEVICE))
-    torch.testing.assert_close(shaped.cpu(), torch.tensor([-0.78922, -0.33824, -0.33824, 1.0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(shaped.cpu(), torch.tensor([-0.9258201, -0.4629100, -1.0, 1.2]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("term, expect_gradient", [({}, False), ({"kl_in_reward": False}, True),
@@ -127,12 +127,25 @@ def test_kl_in_the_loss_and_the_entropy_bonus_move_the_policy_without_any_advant
         for name, param in model.peft.named_parameters():
             if "lora_B.policy" in name:
                 param.normal_(std=0.1)
-    trainer = make_trainer(model, tmp_path, kl_estimator="k3", **term)
+    trainer = make_trainer(model, tmp_path, **term)  # in the loss, the default estimator: k2
     rollout, _, _ = trainer.rollout(trainer.prompts[:4], step=1)
     rollout.advantages = torch.zeros_like(rollout.logprobs)  # no policy-gradient signal ...
     rollout.returns = rollout.values.clone()  # ... and no value error
     model.train()
-    assert trainer.backward(rollout.micro_batch(torch.arange(4)), beta=0.5) is not None
+    batch = rollout.micro_batch(torch.arange(4))
+    assert trainer.backward(batch, beta=0.5) is not None
     grads = [p.grad for n, p in model.peft.named_parameters() if "lora_" in n and p.grad is not None]
     moved = any(g.abs().max() > 0 for g in grads)
     assert moved == expect_gradient
+    if term == {"kl_in_reward": False}:
+        # The direction, not only a gradient: one optimizer step brings the policy's log-probs of the sampled
+        # tokens closer to the reference's (a sign error in the loss would push them apart).
+        def gap() -> float:
+            with torch.no_grad():
+                logprobs = model.policy_forward(batch.ids, batch.attention, batch.start,
+                                                trainer.args.temperature).logprobs
+            return float((logprobs - batch.ref_logprobs)[batch.mask.bool()].abs().mean())
+
+        before = gap()
+        assert trainer.optimizer_step()
+        assert gap() < before

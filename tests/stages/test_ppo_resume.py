@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from common.tracking import read_metrics
 from recipes.runner import RunOptions, run_recipe
-from tests.stages.test_ppo_training import one_thread, ppo_recipe, write_recipe  # noqa: F401 - a fixture
+from tests.stages.test_ppo_training import ppo_recipe, write_recipe
 
 KILL = {"at_step": None, "calls": 0}
 

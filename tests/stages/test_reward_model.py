@@ -129,13 +129,16 @@ def test_attach_on_the_policy_base_scores_as_load_and_restores_the_policy(traine
 
 
 def test_text_pairs_with_a_gold_gap_margin(tmp_path):
-    path = write_recipe(tmp_path, {"margin": "gold_gap", "from": None}, rows=marker_pairs(4, seed=0, chat=False),
-                        chat=False)
+    rows = marker_pairs(4, seed=0, chat=False)
+    for row, (chosen, rejected) in zip(rows, [(1.0, 0.0), (0.75, 0.5), (0.5, -1.5), (2.0, 1.5)], strict=True):
+        row |= {"score_chosen": chosen, "score_rejected": rejected}
+    path = write_recipe(tmp_path, {"margin": "gold_gap", "from": None}, rows=rows, chat=False)
     recipe, raw = load(path, [])
     run = Run.create(recipe, "", raw, [], output_dir=tmp_path / "runs")
     trainer, splits = build_trainer(recipe.stages["rm"], StageContext(run, "rm"))
-    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
-    assert batch["margin"].tolist() == [1.0, 1.0]  # |1.0 - 0.0|
+    assert splits.train["prompt"] == [r["prompt"] for r in rows]  # in file order
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert batch["margin"].tolist() == [1.0, 0.25, 2.0, 0.5]  # score_chosen - score_rejected, row by row
 
     rm = RewardModel.from_classifier(trainer.model, trainer.processing_class, chat=False, max_length=None)
     row = splits.train[0]
@@ -143,15 +146,19 @@ def test_text_pairs_with_a_gold_gap_margin(tmp_path):
     assert ids == trainer.train_dataset[0]["chosen_ids"] and ids[-1] == trainer.processing_class.eos_token_id
 
 
-def test_qlora_reward_model_trains_and_reloads_on_cpu(tmp_path):
-    path = write_recipe(tmp_path, {"from": None}, rows=marker_pairs(8, seed=0))
-    overrides = ["model.quantization=4bit", "model.compute_dtype=float32", "stages.rm.args.max_steps=2",
-                 "stages.rm.data.test_path=null", "stages.rm.data.test_size=0"]
+def test_qlora_reward_model_learns_held_out_and_reloads_on_cpu(tmp_path):
+    path = write_recipe(tmp_path, {"from": None})
+    overrides = ["model.quantization=4bit", "model.compute_dtype=float32"]
     run = run_recipe(path, RunOptions(overrides=overrides, output_dir=tmp_path / "runs", stage="rm"))
     saved = run.stage_dir("rm") / "reward_model"
-    head = load_file(saved / HEAD_FILE)["weight"]
-    scores = RewardModel.load(saved, run.recipe.model).score(["Review film 1."] * 2, ["a film :)", "a film :("])
-    assert head.dtype == torch.float32 and torch.isfinite(scores).all() and scores[0] != scores[1]
+    assert load_file(saved / HEAD_FILE)["weight"].dtype == torch.float32
+    # Reloaded on a 4-bit base, it ranks the held-out pairs (other word salads, the same marker) as the labels do.
+    held_out = marker_pairs(16, seed=1, chat=False)
+    rm = RewardModel.load(saved, run.recipe.model)
+    prompts = [r["prompt"] for r in held_out]
+    chosen = rm.score(prompts, [r["chosen"] for r in held_out])
+    rejected = rm.score(prompts, [r["rejected"] for r in held_out])
+    assert float((chosen > rejected).float().mean()) >= 0.9
 
 
 def bad_rows(case: str) -> list[dict]:

@@ -91,10 +91,32 @@ def test_qlora_4bit_runs_on_cpu(recipe_file, tmp_path):
     assert all(not torch.equal(params[k], v) for k, v in lora_b.items())
 
 
-def test_full_fine_tuning_and_merged_export(recipe_file, tmp_path):
-    full = run_recipe(recipe_file(), RunOptions(overrides=[*FAST, "model.lora=null"], output_dir=tmp_path / "a"))
-    assert (full.stage_dir("sft") / "model" / "model.safetensors").is_file()
-    merged = run_recipe(recipe_file(), RunOptions(overrides=[*FAST, "stages.sft.merge=true"],
-                                                  output_dir=tmp_path / "b"))
-    assert (merged.stage_dir("sft") / "merged" / "config.json").is_file()
-    assert not list((merged.stage_dir("sft") / "merged").glob("adapter_*"))
+def test_full_fine_tuning_moves_the_weights_and_the_merged_export_reproduces_base_plus_adapter(recipe_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model("tiny-random-llama")
+    ids = torch.tensor([[5, 40, 41, 42, 43, 44, 45, 46]])
+
+    full = run_recipe(recipe_file(), RunOptions(overrides=[*FAST, "model.lora=null",
+                                                           "stages.sft.args.learning_rate=1e-2"],
+                                                output_dir=tmp_path / "a"))
+    trained = load_file(full.stage_dir("sft") / "model" / "model.safetensors")
+    base = load_base_model(full.recipe.model, resolved, training=False).state_dict()
+    # Every weight moved, the embeddings and norms included (which a LoRA could not touch), and none went missing.
+    assert set(trained) <= set(base) and "model.embed_tokens.weight" in trained
+    assert [k for k, v in trained.items() if not torch.equal(v, base[k])] == list(trained)
+
+    merged_run = run_recipe(recipe_file(), RunOptions(overrides=[*FAST, "stages.sft.merge=true",
+                                                                 "stages.sft.args.learning_rate=1e-2"],
+                                                      output_dir=tmp_path / "b"))
+    stage = merged_run.stage_dir("sft")
+    assert not list((stage / "merged").glob("adapter_*"))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(stage / "merged").eval()(ids).logits
+        base_model = load_base_model(merged_run.recipe.model, resolved, training=False)
+        plain = base_model.eval()(ids).logits
+        with_adapter = PeftModel.from_pretrained(base_model, stage / "adapter").eval()(ids).logits
+    # The merged model is base + adapter, computed once: its logits are those of the base with the adapter on, and
+    # not the base's (the adapter learnt something).
+    torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=0)
+    assert (with_adapter - plain).abs().max() > 1e-3

@@ -11,13 +11,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Free a 16 MiB tensor (glibc then raises its mmap threshold to 16 MiB), then allocate 20 tensors of 4 MiB, each
 # followed by one of 1 MiB that stays (as a step's longer-lived tensors do: the heap cannot shrink past them), free
-# the 4 MiB ones and print how many MiB more than the kept tensors stay resident.
-PROBE = """
-import sys
+# the 4 MiB ones and print how many MiB more than the kept tensors stay resident. Appended to what a subprocess
+# ran before (here: set the threshold or not; tests/stages/test_ppo_training.py: a PPO stage).
+RETAINED_MIB = """
 import psutil, torch
-from common.allocator import return_freed_memory_to_os
-if sys.argv[1] == "fixed":
-    assert return_freed_memory_to_os()
 rss = lambda: psutil.Process().memory_info().rss / 2**20
 big = torch.ones(16 * 2**20 // 4)
 del big
@@ -29,6 +26,12 @@ for _ in range(20):
 del blocks
 print(rss() - before - 20)
 """
+PROBE = """
+import sys
+from common.allocator import return_freed_memory_to_os
+if sys.argv[1] == "fixed":
+    assert return_freed_memory_to_os()
+""" + RETAINED_MIB
 
 
 def retained_mib(mode: str) -> float:

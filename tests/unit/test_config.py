@@ -142,12 +142,21 @@ def test_stage_hash_changes_with_config_and_upstream(recipe_file):
     assert a.order() == ["sft", "sft2"]
 
 
-def test_resolved_yaml_round_trips(recipe_file):
+def test_the_resolved_config_rebuilds_the_same_recipe(recipe_file, tmp_path):
+    """What a run writes as resolved.yaml (the recipe after --set overrides, sweeps expanded) loads again, from
+    another text, as the same typed recipe."""
     from common.schema import to_dict
 
-    recipe, _ = load(write(recipe_file), [])
-    dumped = yaml.safe_load(yaml.safe_dump(to_dict(recipe)))
-    assert dumped["model"]["lora"]["r"] == 4 and "from" in to_dict(recipe.stages["sft"])
+    path = write(recipe_file)
+    overrides = ["model.lora.r=8", "stages.sft.sweep={learning_rate: [0.001, 0.01]}", "seed=7"]
+    original, resolved = load(path, overrides)
+    rebuilt_path = path.with_name("rebuilt.yaml")
+    rebuilt_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    rebuilt, _ = load(rebuilt_path, [])
+    assert to_dict(rebuilt) == to_dict(original)
+    assert rebuilt.model.lora.r == 8 and rebuilt.seed == 7 and rebuilt.model.lora.alpha == 32
+    assert [(name, s.args["learning_rate"]) for name, s in rebuilt.stages.items()] == [
+        ("sft-learning_rate0p001", 0.001), ("sft-learning_rate0p01", 0.01)]
 
 
 @pytest.mark.parametrize("setting, capabilities, expected", [

@@ -49,9 +49,57 @@ def test_kl_penalty_k3_is_nonnegative_and_second_order_near_zero():
     close(small, [0.5e-8], tol=1e-11)
 
 
+def test_kl_penalty_k2_by_hand():
+    # log-ratio [0.5, -1.0]; k2 = half its square: [0.125, 0.5].
+    close(kl_penalty(t([-1.0, -2.0]), t([-1.5, -1.0]), "k2"), [0.125, 0.5])
+
+
+def _expected_loss_gradient(logits: torch.Tensor, ref_logits: torch.Tensor, estimator: str) -> torch.Tensor:
+    """E_{x ~ pi}[grad_theta k(x)] exactly, over the 4 outcomes of a categorical pi = softmax(theta): what the
+    in-loss KL term's gradient averages to on-policy (the sampled tokens are constants, log pi carries the gradient)."""
+    theta = logits.clone().requires_grad_(True)
+    logp, ref_logp = theta.log_softmax(-1), ref_logits.log_softmax(-1)
+    weights = logp.detach().exp()  # pi(x), the sampling distribution, not differentiated
+    (weights * kl_penalty(logp, ref_logp, estimator)).sum().backward()
+    return theta.grad
+
+
+def _kl_gradient(logits: torch.Tensor, ref_logits: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """grad_theta of KL(pi || pi_ref) (reverse=True) or KL(pi_ref || pi), by autograd on the closed form."""
+    theta = logits.clone().requires_grad_(True)
+    logp, ref_logp = theta.log_softmax(-1), ref_logits.log_softmax(-1)
+    p, q = (logp, ref_logp) if reverse else (ref_logp, logp)
+    (p.exp() * (p - q)).sum().backward()
+    return theta.grad
+
+
+def test_in_loss_kl_gradients_follow_which_kl_on_policy_and_k2_pulls_pi_towards_the_reference():
+    logits, ref_logits = t([1.0, -0.5, 0.3, 2.0]), t([0.0, 0.4, -1.0, 0.2])
+    # k1: E_pi[grad log pi] = sum_x grad pi(x) = 0: no pull towards the reference at all.
+    close(_expected_loss_gradient(logits, ref_logits, "k1"), [0.0] * 4, tol=1e-12)
+    # k2: the gradient of the reverse KL(pi || pi_ref), the KL of the RLHF objective; k3: the forward KL's.
+    k2 = _expected_loss_gradient(logits, ref_logits, "k2")
+    close(k2, _kl_gradient(logits, ref_logits, reverse=True), tol=1e-12)
+    close(_expected_loss_gradient(logits, ref_logits, "k3"), _kl_gradient(logits, ref_logits, reverse=False), tol=1e-12)
+    # The direction: a gradient-descent step on the k2 term moves log pi towards log pi_ref. The first-order change
+    # of KL(pi || pi_ref) along -grad is -|grad|^2 < 0, and a small step indeed lowers it and the log-prob gap.
+    def reverse_kl(th):
+        logp, ref_logp = th.log_softmax(-1), ref_logits.log_softmax(-1)
+        return float((logp.exp() * (logp - ref_logp)).sum())
+
+    def gap(th):  # the L1 distance between the log-prob vectors
+        return float((th.log_softmax(-1) - ref_logits.log_softmax(-1)).abs().sum())
+
+    stepped = logits - 0.1 * k2
+    assert reverse_kl(stepped) < reverse_kl(logits) and gap(stepped) < gap(logits)
+    # And the sign per outcome: the most over-weighted outcome (index 3: pi = 0.61 vs pi_ref = 0.30) loses logit
+    # mass, the most under-weighted (index 1: pi = 0.05 vs 0.37) gains it.
+    assert k2[3] > 0 > k2[1]
+
+
 def test_kl_penalty_rejects_unknown_estimator_and_shape_mismatch():
-    with pytest.raises(ValueError, match="k2"):
-        kl_penalty(t([0.0]), t([0.0]), "k2")
+    with pytest.raises(ValueError, match=r"expected one of \('k1', 'k2', 'k3'\)"):
+        kl_penalty(t([0.0]), t([0.0]), "k4")
     with pytest.raises(ValueError, match="shape"):
         kl_penalty(t([0.0]), t([0.0, 1.0]))
 

@@ -121,8 +121,8 @@ def test_malformed_hh_transcripts(chosen, message):
 
 
 def test_hh_empty_reply_is_an_error():
-    with pytest.raises(InputError, match=r"^hh: row 1: 'chosen' is empty; remove the row or fill in the response, or set "
-                                            r"data\.bad_rows: drop to leave such rows out$"):
+    with pytest.raises(InputError, match=r"^hh: row 1: 'chosen' is empty; remove the row or fill in the response, "
+                                         r"or set data\.bad_rows: drop to leave such rows out$"):
         validate_preference_records([{"chosen": f"{H} Hi{A} ", "rejected": f"{H} Hi{A} Bye"}], "hh")
 
 

@@ -8,6 +8,8 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
 
+from common.errors import InputError
+from common.schema import to_dict
 from recipes.runner import load
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -28,6 +30,38 @@ def test_recipe_validates(path, monkeypatch):
     assert recipe.stages and recipe.order()
     for profile in recipe.profiles:
         load(path, [f"profile={profile}"])
+
+
+# resolved.yaml expands a sweep into its member stages, but keeps a stage that names the sweep as a group (eval's
+# `models: [..., dpo]`), which then names no stage: such a resolved config does not load again. Reported in issue 22's
+# round-trip item; strict, so this flips to a failure when it is fixed.
+SWEEP_GROUP_REFERENCE = pytest.mark.xfail(strict=True, raises=InputError,
+                                          reason="resolved.yaml loses the sweep that eval's models: [dpo] names")
+
+
+def names_a_sweep_group(path: Path) -> bool:
+    recipe, _ = load(path, [])
+    return any(ref in recipe.sweeps for stage in recipe.stages.values() for ref in stage.references())
+
+
+REBUILDABLE = [pytest.param(p, marks=SWEEP_GROUP_REFERENCE) if names_a_sweep_group(p) else p for p in CONFIGS]
+
+
+@pytest.mark.parametrize("path", REBUILDABLE, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_the_resolved_recipe_rebuilds_the_same_recipe(path, tmp_path):
+    """The resolved config a run writes (resolved.yaml: profile and overrides applied) is a recipe of its own:
+    written out and loaded again, from another YAML text, it makes the same typed recipe, stage for stage."""
+    (tmp_path / "data").symlink_to(RECIPES / "data")  # data paths stay relative to the recipe file
+    rebuilt_path = tmp_path / path.relative_to(RECIPES)
+    rebuilt_path.parent.mkdir(parents=True)
+    recipe, _ = load(path, [])
+    for overrides in [[]] + [[f"profile={name}"] for name in recipe.profiles]:
+        original, resolved = load(path, overrides)
+        rebuilt_path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        assert rebuilt_path.read_text() != path.read_text()
+        rebuilt, _ = load(rebuilt_path, [])
+        assert to_dict(rebuilt) == to_dict(original), overrides
+        assert rebuilt.order() == original.order() and rebuilt.sweeps == original.sweeps
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
