@@ -337,9 +337,10 @@ class Sampler:
     def _decode(self, model: Any, prompts: list[list[int]], jobs: list[int],
                 params: SamplingParams) -> tuple[list[Completion], int]:
         """Sample one batch: each distinct prompt is prefilled once and its KV cache copied to its jobs' rows; the
-        cache is allocated once (`StaticCache`: a step writes one position instead of copying the whole cache);
+        cache is allocated once (`StaticCache`: a step writes one position instead of copying the whole cache) except
+        under autocast;
         rows leave the batch after their EOS."""
-        from transformers import StaticCache
+        from transformers import DynamicCache, StaticCache
 
         tok, n, steps = self.tokenizer, params.n, params.max_new_tokens
         device = next(model.parameters()).device
@@ -347,7 +348,10 @@ class Sampler:
         ids, mask = pad_left([prompts[i] for i in distinct], tok.pad_token_id, device)
         row_of_prompt = {prompt: row for row, prompt in enumerate(distinct)}
         width = ids.shape[1]
-        cache = StaticCache(config=model.config, max_cache_len=width + steps)
+        # Under autocast the keys of the prompt and of later tokens can differ in dtype, which a preallocated cache
+        # cannot hold; the growing cache concatenates (and promotes) instead.
+        cache = (DynamicCache(config=model.config) if torch.is_autocast_enabled(device.type)
+                 else StaticCache(config=model.config, max_cache_len=width + steps))
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=cache,
                     use_cache=True, logits_to_keep=1)
         processed = int(mask.sum())
