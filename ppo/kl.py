@@ -6,6 +6,8 @@ whole response is estimated from the sampled tokens only, one term per token, wi
 Schulman, "Approximating KL divergence" (2020, http://joschu.net/blog/kl-approx.html):
 
     k1 = log p(x) - log p_ref(x)            unbiased, can be negative on a single token
+    k2 = (log p - log p_ref)^2 / 2          biased, never negative; its gradient is that of KL(pi || pi_ref)
+                                            on the sampled tokens (the "k2" of Schulman 2020)
     k3 = (r - 1) - log r,  r = p_ref / p     unbiased and never negative (r - 1 >= log r)
 
 Both estimate KL(pi || pi_ref) because the tokens x are sampled from pi (the policy).
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -31,7 +33,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     Args:
         logprobs: log pi(x_t | x_<t) of the sampled tokens under the policy, any shape.
         ref_logprobs: the same tokens' log-probs under the reference model, same shape.
-        estimator: "k1" (log-ratio) or "k3" ((r - 1) - log r with r = p_ref / p); see the module docstring.
+        estimator: "k1" (log-ratio), "k2" (half the squared log-ratio) or "k3" ((r - 1) - log r with
+            r = p_ref / p); see the module docstring.
 
     Returns:
         A tensor of the inputs' shape. Padding is not masked here: callers mask (see
@@ -45,6 +48,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     log_ratio = logprobs - ref_logprobs  # log p - log p_ref
     if estimator == "k1":
         return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
     if estimator == "k3":
         # log r = log p_ref - log p = -log_ratio; k3 = (r - 1) - log r. expm1 keeps precision when r ~ 1,
         # which is the usual case early in training (a naive exp(x) - 1 loses ~7 digits there in float32).

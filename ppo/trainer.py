@@ -43,7 +43,7 @@ from common.generation import truncate_after_eos
 from common.runs import atomic_write_text
 from common.tracking import Tracker
 from ppo.adapters import OneBaseModel
-from ppo.advantages import gae, masked_mean, per_token_rewards
+from ppo.advantages import gae, global_whiten, masked_mean, per_token_rewards
 from ppo.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
 from ppo.config import PPOArgs
 from ppo.kl import kl_penalty, make_kl_controller
@@ -91,20 +91,6 @@ def prompt_indices(num_prompts: int, step: int, batch_size: int, rank: int, worl
             cached[epoch] = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         indices.append(cached[epoch][position % num_prompts])
     return indices
-
-
-def global_whiten(values: Tensor, mask: Tensor, reduce_sum: Callable[[Tensor], Tensor], eps: float = 1e-8) -> Tensor:
-    """`ppo.advantages.whiten` over the union of every process's batch: (x - mean) / sqrt(var + eps) with the
-    unbiased variance of all masked-in entries on all processes. `reduce_sum` sums a tensor over processes
-    (the identity on one process). Statistics in float64: sum of squares minus squared mean loses digits in float32."""
-    m = mask.bool()
-    x = torch.where(m, values, torch.zeros_like(values)).double()
-    sums = reduce_sum(torch.stack([x.sum(), (x * x).sum(), m.sum().double()]))
-    total, total_sq, n = sums[0], sums[1], sums[2]
-    mean = total / n
-    var = (total_sq / n - mean * mean) * n / (n - 1)
-    whitened = ((values.double() - mean) * torch.rsqrt(var + eps)).to(values.dtype)
-    return torch.where(m, whitened, torch.zeros_like(whitened))
 
 
 def trim_padding(ids: Tensor, mask: Tensor, start: int) -> tuple[slice, slice, int]:

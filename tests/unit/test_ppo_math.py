@@ -32,6 +32,11 @@ def test_kl_penalty_k1_is_the_log_ratio():
     close(kl_penalty(t([-1.0, -2.0]), t([-1.5, -1.0]), "k1"), [0.5, -1.0])
 
 
+def test_kl_penalty_k2_by_hand():
+    # k2 = (log p - log p_ref)^2 / 2: 0.5^2 / 2 = 0.125 and (-1)^2 / 2 = 0.5.
+    close(kl_penalty(t([-1.0, -2.0]), t([-1.5, -1.0]), "k2"), [0.125, 0.5])
+
+
 def test_kl_penalty_k3_by_hand():
     # log r = log p_ref - log p = [-0.5, 1.0]; k3 = (r - 1) - log r:
     #   e^-0.5 - 1 + 0.5 = 0.6065306597 - 0.5 = 0.1065306597
@@ -50,8 +55,8 @@ def test_kl_penalty_k3_is_nonnegative_and_second_order_near_zero():
 
 
 def test_kl_penalty_rejects_unknown_estimator_and_shape_mismatch():
-    with pytest.raises(ValueError, match="k2"):
-        kl_penalty(t([0.0]), t([0.0]), "k2")
+    with pytest.raises(ValueError, match="k4"):
+        kl_penalty(t([0.0]), t([0.0]), "k4")
     with pytest.raises(ValueError, match="shape"):
         kl_penalty(t([0.0]), t([0.0, 1.0]))
 
