@@ -12,6 +12,7 @@ from common.config import StageConfig
 from common.runs import StageContext, StageResult
 from dpo import stage as dpo_stage
 from eval import stage as eval_stage
+from ppo import grpo_config, grpo_stage
 from ppo import stage as ppo_stage
 from reward_model import preferences_stage
 from reward_model import stage as reward_model_stage
@@ -26,6 +27,7 @@ class StageKind(NamedTuple):
 STAGE_KINDS: dict[str, StageKind] = {
     "sft": StageKind(sft_stage.SFTStage, sft_stage.train),
     "ppo": StageKind(ppo_stage.PPOStage, ppo_stage.train),
+    "grpo": StageKind(grpo_config.GRPOStage, grpo_stage.train),
     "dpo": StageKind(dpo_stage.DPOStage, dpo_stage.train),
     "preferences": StageKind(preferences_stage.PreferencesStage, preferences_stage.train),
     "reward_model": StageKind(reward_model_stage.RewardModelStage, reward_model_stage.train),
