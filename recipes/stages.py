@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from common.config import StageConfig
 from common.runs import StageContext, StageResult
+from dpo import online as online_dpo
 from dpo import stage as dpo_stage
 from eval import stage as eval_stage
 from ppo import grpo_config, grpo_stage
@@ -29,6 +30,7 @@ STAGE_KINDS: dict[str, StageKind] = {
     "ppo": StageKind(ppo_stage.PPOStage, ppo_stage.train),
     "grpo": StageKind(grpo_config.GRPOStage, grpo_stage.train),
     "dpo": StageKind(dpo_stage.DPOStage, dpo_stage.train),
+    "online_dpo": StageKind(online_dpo.OnlineDPOStage, online_dpo.train),
     "preferences": StageKind(preferences_stage.PreferencesStage, preferences_stage.train),
     "reward_model": StageKind(reward_model_stage.RewardModelStage, reward_model_stage.train),
     "eval": StageKind(eval_stage.EvalStage, eval_stage.train),
