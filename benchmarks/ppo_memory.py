@@ -6,8 +6,8 @@
                reference (SFT merged in), the value model (the reward model merged in, a LoRA trained on top) and
                the reward model (merged)
 
-Both run the same PPO steps (ppo.trainer.PPOTrainer.ppo_step: generation, reward, log-probs, PPO epochs), each in its
-own subprocess, so each peak RSS (ru_maxrss: loading included) is its own. Each design runs twice: with glibc's
+Both run the same PPO steps (ppo.trainer.PPOTrainer.training_step: generation, reward, log-probs, PPO epochs), each in
+its own subprocess, so each peak RSS (ru_maxrss: loading included) is its own. Each design runs twice: with glibc's
 default (dynamic) mmap threshold, under which freed activations stay resident (a few hundred MB, in both designs),
 and with the threshold fixed (PPO's `release_freed_memory: true`, common/allocator.py), under which the peak RSS
 follows the memory in use. With --run, the SFT adapter and reward model of a finished run are used
@@ -175,7 +175,7 @@ def child(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = PPOTrainer(ppo_args, model, tokenizer, prompts, reward.score, Accelerator(cpu=True),
                              Tracker(Path(out), is_main=False), Path(out), seed=0)
-        steps = [trainer.ppo_step(step) for step in range(1, args.steps + 1)]
+        steps = [trainer.training_step(step) for step in range(1, args.steps + 1)]
     design = args.child if args.allocator == "fixed" else f"{args.child} (glibc default)"
     return {"design": design, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "rss_libraries_mb": rss_libraries / 2**20, "rss_after_build_mb": rss_built / 2**20, "build_s": build_s,

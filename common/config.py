@@ -228,6 +228,14 @@ def check_policy_source(recipe: Recipe, from_: str | None, where: str) -> None:
                          "stage whose adapter to start from (e.g. sft)")
 
 
+def check_reward_stage(recipe: Recipe, stage: str, where: str) -> None:
+    """The stage named as the reward must train a reward model (its `reward_model` output is what PPO loads)."""
+    kind = recipe.stages[stage].kind  # the loader has checked that the stage exists
+    if kind != "reward_model":
+        raise InputError(f"{recipe.source}: {where}: stage '{stage}' is a '{kind}' stage; name a stage of kind "
+                         "reward_model, or use a gold scorer, e.g. reward: {scorer: vader}")
+
+
 def model_base_path(base: str, recipe: Recipe) -> str:
     """`model.base` follows the rule of every path in a recipe: relative to the recipe file. It is a path when it is
     absolute, starts with `.` or `~`, or names a directory beside the recipe; then it is made absolute here, so the

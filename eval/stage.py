@@ -52,12 +52,14 @@ from common.runs import StageContext, StageResult, atomic_write_text
 from common.sampling import DEFAULT_TOKEN_BUDGET, Prompt, Samples, encode_prompts, scorer_text, shard_of
 from common.schema import to_dict, unknown_key_error
 from common.tracking import Tracker
+from eval import best_of as best_of_n
 from eval.generation import SamplingSettings, kl_to_reference, sample_model, sample_rows, summarize
 from judge import JudgeConfig, Pair, evaluate_pairs, with_paths
 
 log = logging.getLogger(__name__)
 
 BASE = "base"  # in `models:`, the recipe's base model
+GOLD = "gold"  # in `best_of[].reward`, the generation block's scorer
 
 
 # --- the recipe block --------------------------------------------------------------------------------
@@ -110,8 +112,23 @@ class EvalJudge(JudgeConfig):
 
 
 @dataclass
+class BestOfModel:
+    """An eval-time model (eval.best_of): `n` samples of `policy` per answer, the one `reward` scores highest."""
+
+    policy: str  # a model name, as in `models`
+    reward: str  # a reward_model stage, or `gold`: the generation block's scorer
+    n: int = 4
+    name: str | None = None  # default best_of_<n>_<policy>
+
+    @property
+    def model_name(self) -> str:
+        return self.name or f"best_of_{self.n}_{self.policy}"
+
+
+@dataclass
 class EvalStage(StageConfig):
     models: list[str] = field(default_factory=lambda: [BASE])
+    best_of: list[BestOfModel] = field(default_factory=list)
     generation: GenerationBlock | None = None
     mc: MCBlock | None = None
     judge: EvalJudge | None = None
@@ -121,6 +138,7 @@ class EvalStage(StageConfig):
         gen = self.generation
         if gen is not None:
             refs += [r for r in (gen.reward_model, gen.reference, gen.prompts.stage) if r and r != BASE]
+        refs += [r for b in self.best_of for r in (b.policy, b.reward) if r not in (BASE, GOLD)]
         return list(dict.fromkeys(refs))
 
     def group_references(self) -> list[str]:
@@ -142,10 +160,29 @@ class EvalStage(StageConfig):
             generation_plan(self.generation, recipe, f"{where}.generation")
         if self.mc is not None:
             mc_plan(self.mc, recipe, f"{where}.mc", check_only=True)
+        self.check_best_of(recipe, where, names)
         if self.judge is not None:
             if self.generation is None:
                 raise InputError(f"recipe: {where}.judge compares generated answers; add a generation block")
             judge_plan(self.judge, recipe, f"{where}.judge", names)
+
+    def check_best_of(self, recipe: Recipe, where: str, names: list[str]) -> None:
+        for i, b in enumerate(self.best_of):
+            at = f"recipe: {where}.best_of[{i}]"
+            if self.generation is None:
+                raise InputError(f"{at}: best-of-N samples answers; add a generation block")
+            if b.n < 1:
+                raise InputError(f"{at}.n must be >= 1, got {b.n}: the number of samples the reward picks from")
+            check_model_name(b.policy, recipe, f"{where}.best_of[{i}].policy")
+            if b.reward == GOLD:
+                if self.generation.scorer is None:
+                    raise InputError(f"{at}.reward: gold picks by the generation block's scorer, which is null; "
+                                     "set generation.scorer or name a reward_model stage")
+            elif b.reward not in recipe.stages or recipe.stages[b.reward].kind != "reward_model":
+                raise InputError(f"{at}.reward: '{b.reward}' is not a reward_model stage; name one, or '{GOLD}' "
+                                 "for the generation block's scorer")
+            if b.model_name in names or [c.model_name for c in self.best_of].count(b.model_name) > 1:
+                raise InputError(f"{at}: the model name '{b.model_name}' is taken; give this entry a distinct name:")
 
     def model_names(self, recipe: Recipe, where: str) -> list[str]:
         """`models` with every swept stage replaced by its members, each checked to be a model."""
@@ -177,6 +214,14 @@ def check_model_name(name: str, recipe: Recipe, where: str) -> None:
 class RewardModelSource:
     directory: Path
     model: ModelConfig  # the base the reward model's adapter sits on
+
+
+@dataclass
+class BestOfPlan:
+    name: str
+    policy: str
+    n: int
+    reward: RewardModelSource | None  # None: the generation scorer (gold)
 
 
 @dataclass
@@ -401,10 +446,11 @@ class ModelResult:
 
 def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan | None = None,
                     mc: MCPlan | None = None, judge: JudgePlan | None = None,
-                    shard: tuple[int, int] = (0, 1)) -> dict[str, ModelResult]:
-    """Run the suites over `names` (all in `pool`, as is the reference). Each model is made active once for its
-    samples and MC questions; then the reference once for every model's KL; then the models are freed before the
-    reward model and the judge load.
+                    best_of: Sequence[BestOfPlan] = (), shard: tuple[int, int] = (0, 1)) -> dict[str, ModelResult]:
+    """Run the suites over `names` (all in `pool`, as are the reference and the best-of-N policies). Each model is
+    made active once for its samples and MC questions; then the reference once for every model's KL; then the models
+    are freed before the reward model and the judge load. Best-of-N models (`best_of`, generation only) come after
+    `names` in the results.
 
     Under a launch of several processes (`shard=(index, count)`, every process calls) the sampling and the KL passes
     are split between the processes, which exchange what they computed; the main process (index 0) then answers
@@ -428,6 +474,12 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
     if gen is None:
         pool.close()
         return results
+    pool_of_n: dict[str, Samples] = {}  # each best-of-N model's policy samples, N per answer
+    for plan in best_of:
+        with pool.use(plan.policy) as (model, tokenizer):
+            settings = dataclasses.replace(gen.settings, samples_per_prompt=gen.settings.samples_per_prompt * plan.n)
+            pool_of_n[plan.name] = sample_model(model, tokenizer, encode_prompts(tokenizer, gen.prompts, plan.policy),
+                                                settings, f"sampling {plan.policy} for {plan.name}", shard)
 
     kl: dict[str, list[float] | None] = dict.fromkeys(names)
     if gen.reference is not None:
@@ -447,28 +499,52 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
 
     texts = [scorer_text(p) for p in gen.prompts]
     n = gen.settings.samples_per_prompt
-    flat_prompts = [p for p in gen.prompts for _ in range(n)]
     flat_texts = [t for t in texts for _ in range(n)]
+    reward_models: dict[Path, Any] = {}
+
+    def rm_score(source: RewardModelSource, completions: list[str], per_prompt: int) -> list[float]:
+        from reward_model.api import RewardModel
+
+        if source.directory not in reward_models:
+            reward_models[source.directory] = RewardModel.load(source.directory, source.model)
+        reward_model = reward_models[source.directory]
+        # A reward model trained on text pairs reads a chat prompt as its text.
+        prompts = [p for p in (gen.prompts if reward_model.chat else texts) for _ in range(per_prompt)]
+        return reward_model.score(prompts, completions).tolist()
+
     gold = {name: gen.scorer.score(flat_texts, samples[name].texts) if gen.scorer else None for name in names}
     rm: dict[str, list[float] | None] = dict.fromkeys(names)
     if gen.reward_model is not None:
-        from reward_model.api import RewardModel
-
-        reward_model = RewardModel.load(gen.reward_model.directory, gen.reward_model.model)
-        # A reward model trained on text pairs reads a chat prompt as its text.
-        rm_prompts = flat_prompts if reward_model.chat else flat_texts
         for name in names:
-            rm[name] = reward_model.score(rm_prompts, samples[name].texts).tolist()
-        del reward_model
-        gc.collect()
-    for name in names:
+            rm[name] = rm_score(gen.reward_model, samples[name].texts, n)
+    picked = {}
+    for plan in best_of:
+        everything, per_prompt = pool_of_n.pop(plan.name), n * plan.n
+        if plan.reward is None:
+            scores = gen.scorer.score([t for t in texts for _ in range(per_prompt)], everything.texts)
+        else:
+            scores = rm_score(plan.reward, everything.texts, per_prompt)
+        rewards = torch.tensor(scores, dtype=torch.float64).view(len(gen.prompts), per_prompt)
+        chosen = best_of_n.select_best(rewards, plan.n)
+        samples[plan.name] = best_of_n.pick(everything, chosen.flatten().tolist(), n)
+        picked[plan.name] = {"policy": plan.policy, "n": plan.n, "kl_bound": best_of_n.kl_bound(plan.n),
+                             "kl_estimate": best_of_n.kl_estimate(rewards, rewards.flatten()[chosen], plan.n)}
+        results[plan.name] = ModelResult(f"best of {plan.n} samples of {plan.policy} by "
+                                         f"{'gold' if plan.reward is None else plan.reward.directory}")
+        gold[plan.name] = gen.scorer.score(flat_texts, samples[plan.name].texts) if gen.scorer else None
+        rm[plan.name] = rm_score(gen.reward_model, samples[plan.name].texts, n) if gen.reward_model else None
+    reward_models.clear()
+    gc.collect()
+    for name in results:
         # The reference's own difference is 0 by construction: only the other models get one.
         ref_gold = gold.get(gen.reference) if name != gen.reference else None
-        results[name].gen = summarize(samples[name], n, gold[name], rm[name], kl[name], ref_gold,
+        results[name].gen = summarize(samples[name], n, gold[name], rm[name], kl.get(name), ref_gold,
                                       seed=gen.settings.seed)
-        results[name].samples = sample_rows(gen.prompts, samples[name], n, gold[name], rm[name], kl[name])
+        if name in picked:  # KL(best-of-N || its policy): the bound and its sampled estimate
+            results[name].gen["best_of"] = picked[name]
+        results[name].samples = sample_rows(gen.prompts, samples[name], n, gold[name], rm[name], kl.get(name))
     if judge is not None:
-        for name in names:
+        for name in results:
             if name != judge.baseline:
                 log.info("judge: %s vs %s", name, judge.baseline)
                 results[name].judge = judge_samples(judge.config, results[name].samples,
@@ -526,8 +602,10 @@ def flat_metrics(results: dict[str, ModelResult]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, r in results.items():
         for key, value in (r.gen or {}).items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and "mean" in value:
                 out[f"eval/{name}/{key}"] = value["mean"]
+            elif isinstance(value, dict):  # best_of: its numbers (n, the KL bound and estimate)
+                out.update({f"eval/{name}/{key}/{k}": v for k, v in value.items() if isinstance(v, int | float)})
             elif value is not None:
                 out[f"eval/{name}/{key}"] = value
         if r.mc is not None:
@@ -569,12 +647,15 @@ def train(cfg: EvalStage, ctx: StageContext) -> StageResult:
     mc = mc_plan(cfg.mc, recipe, f"{where}.mc") if cfg.mc else None
     judge = judge_plan(cfg.judge, recipe, f"{where}.judge", names) if cfg.judge is not None else None
 
-    wanted = [*names, *([gen.reference] if gen and gen.reference not in (None, *names) else [])]
+    best_of = [BestOfPlan(b.model_name, b.policy, b.n, None if b.reward == GOLD else RewardModelSource(
+        ctx.input_path(b.reward, "reward_model"), recipe.model)) for b in cfg.best_of]
+    extra = [gen.reference] if gen and gen.reference else []
+    wanted = list(dict.fromkeys([*names, *extra, *(b.policy for b in cfg.best_of)]))
     sources = [ModelSource(BASE, recipe.model, None, f"base model {recipe.model.base}") if name == BASE else
                stage_model_source(name, recipe.model, ctx.run.stage_dir(name), done_outputs(ctx, name))
                for name in wanted]
     started = time.perf_counter()
-    results = evaluate_models(ModelPool(sources), names, gen, mc, judge, shard_of(PartialState()))
+    results = evaluate_models(ModelPool(sources), names, gen, mc, judge, best_of, shard_of(PartialState()))
     if not ctx.is_main:
         return StageResult()  # it sampled its share; the main process scores, judges and writes
     metrics = flat_metrics(results) | {"time/eval": time.perf_counter() - started}

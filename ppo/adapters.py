@@ -6,6 +6,7 @@
                 or, with no `from:`, the base with adapters off
     value       a scalar head on the policy's last hidden state    yes (value_model: shared: one forward for both)
                 or adapter "value" + its own head                  yes (value_model: separate)
+                or none (value_model: none: the critic-free family, ppo.grpo_trainer)
     reward      adapter "reward" + head, attached by               no
                 reward_model.api when the reward is a stage
 
@@ -66,9 +67,11 @@ class OneBaseModel:
         device = next(self.lm.get_output_embeddings().parameters()).device
         # V(s) = w . h + b in float32 whatever the base dtype. Zero-initialised: the first values are 0 on every
         # process (no RNG involved), and the first value targets are the plain returns.
-        self.value_head = nn.Linear(self.lm.config.hidden_size, 1, dtype=torch.float32, device=device)
-        nn.init.zeros_(self.value_head.weight)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head: nn.Linear | None = None
+        if value_model != "none":
+            self.value_head = nn.Linear(self.lm.config.hidden_size, 1, dtype=torch.float32, device=device)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
         # Dropout would make the PPO ratio noisy and break old == new log-probs at the first step (Huang et al.
         # 2024, "The N+ Implementation Details of RLHF with PPO", detail 1); train mode is still used, for
         # gradient checkpointing. Rates kept in the config and in attributes too (attention dropout), not only the
@@ -123,10 +126,11 @@ class OneBaseModel:
 
         The shared head reads the values off the very forward pass that gives the log-probs: the LM head's input
         (the last hidden state at the positions that predict response tokens) also feeds the value head. With
-        value_model: separate, `values` is None here: call `values()` (a second pass, with the value adapter).
+        value_model: separate, `values` is None here: call `values()` (a second pass, with the value adapter); with
+        value_model: none there are no values.
         """
         activate(self.peft, POLICY)
-        if self.value_model == "separate":
+        if self.value_model != "shared":
             out = response_logprobs(self.peft, ids, mask, start, temperature, return_entropy=with_entropy)
             return PolicyOutput(out.logprobs, out.entropy, None)
         captured: list[Tensor] = []
@@ -164,7 +168,8 @@ class OneBaseModel:
 
     # --- training state -----------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.peft.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        head = list(self.value_head.parameters()) if self.value_head is not None else []
+        return [p for p in self.peft.parameters() if p.requires_grad] + head
 
     def train(self) -> None:
         self.peft.train()
@@ -174,7 +179,8 @@ class OneBaseModel:
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Everything the optimizer updates, flat: `policy.<key>`, `value.<key>`, `value_head.<key>`."""
-        state = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
+        head = self.value_head.state_dict() if self.value_head is not None else {}
+        state = {f"value_head.{k}": v for k, v in head.items()}
         for name in self.trainable_adapters:
             state.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()})
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -183,7 +189,8 @@ class OneBaseModel:
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
-        self.value_head.load_state_dict(part("value_head"))
+        if self.value_head is not None:
+            self.value_head.load_state_dict(part("value_head"))
         for name in self.trainable_adapters:
             result = set_peft_model_state_dict(self.peft, part(name), adapter_name=name)
             missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]

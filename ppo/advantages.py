@@ -9,6 +9,8 @@ Nothing here computes gradients: advantages and returns are targets, so the inpu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -152,3 +154,17 @@ def per_token_rewards(scores: Tensor, kl: Tensor, kl_coef: float | Tensor, mask:
     last = length - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
     at_last = F.one_hot(last, num_classes=length).to(rewards.dtype)
     return rewards + at_last * scores.detach().to(rewards.dtype)[:, None]
+
+
+def global_whiten(values: Tensor, mask: Tensor, reduce_sum: Callable[[Tensor], Tensor], eps: float = 1e-8) -> Tensor:
+    """`whiten` over the union of every process's batch: (x - mean) / sqrt(var + eps) with the
+    unbiased variance of all masked-in entries on all processes. `reduce_sum` sums a tensor over processes
+    (the identity on one process). Statistics in float64: sum of squares minus squared mean loses digits in float32."""
+    m = mask.bool()
+    x = torch.where(m, values, torch.zeros_like(values)).double()
+    sums = reduce_sum(torch.stack([x.sum(), (x * x).sum(), m.sum().double()]))
+    total, total_sq, n = sums[0], sums[1], sums[2]
+    mean = total / n
+    var = (total_sq / n - mean * mean) * n / (n - 1)
+    whitened = ((values.double() - mean) * torch.rsqrt(var + eps)).to(values.dtype)
+    return torch.where(m, whitened, torch.zeros_like(whitened))

@@ -13,10 +13,11 @@ Without `from:` the policy is a fresh LoRA and the reference is the base model w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from common.config import Recipe, StageConfig
+from common.config import Recipe, StageConfig, check_reward_stage
 from common.data import load_splits
 from common.errors import InputError
 
@@ -82,30 +83,19 @@ class PPOArgs:
 
     def check(self, where: str) -> None:
         """Constraints between keys; each error names the key and the fix."""
-        positive = ["max_steps", "rollout_batch_size", "minibatch_size", "gradient_accumulation_steps", "ppo_epochs",
-                    "max_new_tokens", "max_nonfinite_steps", "sample_every", "save_steps", "save_total_limit"]
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise InputError(f"recipe: {where}.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("learning_rate", "temperature", "clip_range", "clip_range_value", "max_grad_norm", "kl_horizon"):
-            if not getattr(self, key) > 0:
-                raise InputError(f"recipe: {where}.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("kl_coef", "vf_coef", "entropy_coef", "warmup_steps", "weight_decay", "num_samples"):
-            if getattr(self, key) < 0:
-                raise InputError(f"recipe: {where}.{key} must be >= 0, got {getattr(self, key)}")
+        check_bounds(self, where,
+                     at_least_one=["max_steps", "rollout_batch_size", "minibatch_size", "gradient_accumulation_steps",
+                                   "ppo_epochs", "max_new_tokens", "max_nonfinite_steps", "sample_every",
+                                   "save_steps", "save_total_limit"],
+                     positive=["learning_rate", "temperature", "clip_range", "clip_range_value", "max_grad_norm",
+                               "kl_horizon"],
+                     non_negative=["kl_coef", "vf_coef", "entropy_coef", "warmup_steps", "weight_decay",
+                                   "num_samples"],
+                     positive_or_null=["kl_target", "kl_ceiling", "score_clip"])
         for key in ("gamma", "lam"):
             if not 0 <= getattr(self, key) <= 1:
                 raise InputError(f"recipe: {where}.{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("kl_target", "kl_ceiling", "score_clip"):
-            value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise InputError(f"recipe: {where}.{key} must be > 0 (or null to switch it off), got {value}")
-        if self.rollout_batch_size % self.minibatch_size:
-            raise InputError(f"recipe: {where}.minibatch_size ({self.minibatch_size}) must divide rollout_batch_size "
-                             f"({self.rollout_batch_size}); e.g. minibatch_size: {self.rollout_batch_size // 2 or 1}")
-        if self.minibatch_size % self.gradient_accumulation_steps:
-            raise InputError(f"recipe: {where}.gradient_accumulation_steps ({self.gradient_accumulation_steps}) must "
-                             f"divide minibatch_size ({self.minibatch_size})")
+        check_minibatches(self, where, self.rollout_batch_size, "rollout_batch_size")
         if not self.kl_in_reward and self.kl_estimator == "k1":
             raise InputError(f"recipe: {where}.kl_estimator: k1 with kl_in_reward: false puts beta * mean(log pi - "
                              "log pi_ref) in the loss, whose gradient averages to zero on-policy (the reference "
@@ -146,11 +136,7 @@ class PPOStage(StageConfig):
 
     def validate(self, recipe: Recipe, where: str) -> None:
         super().validate(recipe, where)
-        if recipe.model.lora is None:
-            raise InputError(f"recipe: {where}: PPO keeps one base model and trains LoRA adapters on it, but "
-                             "model.lora is null; add a lora block (e.g. lora: {r: 16})")
-        if self.data is None:
-            raise InputError(f"recipe: {where} needs a data block with prompts (path, hub or stage)")
+        check_one_base(recipe, self, where, "PPO")
         if self.reward is None:
             raise InputError(f"recipe: {where} needs a reward block: {{scorer: vader}} (a gold scorer) or "
                              "{stage: NAME} (a reward-model stage)")
@@ -172,9 +158,38 @@ class PPOStage(StageConfig):
             load_splits(self.data, recipe, "prompt", f"{where}.data")
 
 
-def check_reward_stage(recipe: Recipe, stage: str, where: str) -> None:
-    """The stage named as the reward must train a reward model (its `reward_model` output is what PPO loads)."""
-    kind = recipe.stages[stage].kind  # the loader has checked that the stage exists
-    if kind != "reward_model":
-        raise InputError(f"{recipe.source}: {where}: stage '{stage}' is a '{kind}' stage; name a stage of kind "
-                         "reward_model, or use a gold scorer, e.g. reward: {scorer: vader}")
+def check_bounds(args: Any, where: str, at_least_one: Sequence[str] = (), positive: Sequence[str] = (),
+                 non_negative: Sequence[str] = (), positive_or_null: Sequence[str] = ()) -> None:
+    """The range checks of an args block: each failure names the key and the value it got."""
+    for key in at_least_one:
+        if getattr(args, key) < 1:
+            raise InputError(f"recipe: {where}.{key} must be >= 1, got {getattr(args, key)}")
+    for key in positive:
+        if not getattr(args, key) > 0:
+            raise InputError(f"recipe: {where}.{key} must be > 0, got {getattr(args, key)}")
+    for key in non_negative:
+        if getattr(args, key) < 0:
+            raise InputError(f"recipe: {where}.{key} must be >= 0, got {getattr(args, key)}")
+    for key in positive_or_null:
+        value = getattr(args, key)
+        if value is not None and not value > 0:
+            raise InputError(f"recipe: {where}.{key} must be > 0 (or null to switch it off), got {value}")
+
+
+def check_minibatches(args: Any, where: str, rollout_size: int, rollout_name: str) -> None:
+    """minibatch_size divides the completions of a step, gradient_accumulation_steps divides minibatch_size."""
+    if rollout_size % args.minibatch_size:
+        raise InputError(f"recipe: {where}.minibatch_size ({args.minibatch_size}) must divide {rollout_name} "
+                         f"({rollout_size}); e.g. minibatch_size: {rollout_size // 2 or 1}")
+    if args.minibatch_size % args.gradient_accumulation_steps:
+        raise InputError(f"recipe: {where}.gradient_accumulation_steps ({args.gradient_accumulation_steps}) must "
+                         f"divide minibatch_size ({args.minibatch_size})")
+
+
+def check_one_base(recipe: Recipe, stage: StageConfig, where: str, method: str) -> None:
+    """A stage on the one-base model (ppo.adapters) needs LoRA adapters and a prompt data block."""
+    if recipe.model.lora is None:
+        raise InputError(f"recipe: {where}: {method} keeps one base model and trains LoRA adapters on it, but "
+                         "model.lora is null; add a lora block (e.g. lora: {r: 16})")
+    if stage.data is None:
+        raise InputError(f"recipe: {where} needs a data block with prompts (path, hub or stage)")

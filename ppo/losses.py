@@ -16,21 +16,52 @@ from torch import Tensor
 
 from ppo.advantages import masked_mean
 
+LOSS_AGGREGATIONS = ("token", "sequence", "constant")
+
+
+def aggregate(per_token: Tensor, mask: Tensor, aggregation: str, constant_length: int | None = None) -> Tensor:
+    """Reduce a [B, T] per-token loss to a scalar.
+
+        token     sum over every masked-in token / their number: each token weighs the same, a long response
+                  more than a short one (DAPO, Yu et al. 2025, eq. 12; Huang et al. 2024 for PPO)
+        sequence  mean over responses of each response's mean: each response weighs the same, its tokens
+                  1 / length each (GRPO, Shao et al. 2024, eq. 3)
+        constant  sum over every masked-in token / (B * constant_length): no length normalisation at all
+                  (Dr. GRPO, Liu et al. 2025, sec. 3.2, with constant_length = max_new_tokens)
+    """
+    if aggregation == "token":
+        return masked_mean(per_token, mask)
+    if aggregation == "sequence":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if aggregation == "constant":
+        if constant_length is None or constant_length < 1:
+            raise ValueError(f"aggregate: 'constant' needs constant_length >= 1, got {constant_length}.")
+        return torch.where(mask.bool(), per_token, torch.zeros_like(per_token)).sum() / (
+            per_token.shape[0] * constant_length)
+    raise ValueError(f"aggregate: unknown aggregation {aggregation!r}; expected one of {LOSS_AGGREGATIONS}.")
+
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                clip_range: float) -> tuple[Tensor, dict[str, Tensor]]:
+                clip_range: float, clip_range_high: float | None = None, aggregation: str = "token",
+                constant_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO's clipped surrogate objective, negated to be minimised (Schulman et al. 2017, "Proximal Policy
     Optimization Algorithms", eq. 7):
 
         ratio_t = exp(log pi(a_t) - log pi_old(a_t))
-        loss    = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+        loss    = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps_low, 1 + eps_high))
+
+    eps_high > eps_low is DAPO's clip-higher (Yu et al. 2025, eq. 10): a token with a positive advantage may
+    gain more probability before its gradient is cut, which keeps low-probability tokens from being starved.
 
     Args:
         logprobs: [B, T] log-probs of the response tokens under the current policy (with grad).
         old_logprobs: [B, T] the same tokens' log-probs at rollout time (no grad).
         advantages: [B, T] advantages (usually whitened).
         mask: [B, T] true on response tokens.
-        clip_range: eps, e.g. 0.2.
+        clip_range: eps_low, e.g. 0.2 (also eps_high unless `clip_range_high` is given).
+        clip_range_high: eps_high, e.g. 0.28 (DAPO); None means symmetric clipping.
+        aggregation, constant_length: how the per-token terms become one loss (see `aggregate`); "token" is
+            PPO's mean over all masked-in tokens.
 
     Returns:
         (loss, stats) with stats:
@@ -42,8 +73,9 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
               and the token gives no gradient.
           "ratio_mean": mean probability ratio; should stay near 1.
     """
-    if clip_range <= 0:
-        raise ValueError(f"policy_loss: clip_range must be > 0, got {clip_range}.")
+    clip_range_high = clip_range if clip_range_high is None else clip_range_high
+    if clip_range <= 0 or clip_range_high <= 0:
+        raise ValueError(f"policy_loss: clip ranges must be > 0, got {clip_range} and {clip_range_high}.")
     mask = mask.bool()
     # Zero the log-ratio on padding before exp: garbage there could overflow to inf, and inf * 0 in the
     # backward pass would turn the gradient into nan even though the loss ignores those positions.
@@ -51,8 +83,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     ratio = torch.exp(log_ratio)
     advantages = advantages.detach()
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range_high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, constant_length)
     with torch.no_grad():
         stats = {
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),

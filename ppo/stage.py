@@ -9,12 +9,15 @@ loss/..., val/..., kl/coef, time/..., perf/tokens_per_s), `samples.jsonl` (compl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
 
 from common.allocator import return_freed_memory_to_os
-from common.config import autocasts_bf16
+from common.config import StageConfig, autocasts_bf16
 from common.data import load_splits
 from common.models import load_tokenizer, resolve_model
 from common.runs import StageContext, StageResult
@@ -23,28 +26,42 @@ from common.schema import to_dict
 from common.tracking import Tracker
 from ppo.adapters import POLICY, REWARD, OneBaseModel
 from ppo.config import PPOStage
-from ppo.trainer import PPOTrainer, RewardFn, rollout_prompts
+from ppo.trainer import OnPolicyTrainer, PPOTrainer, Prompt, RewardFn, rollout_prompts
 
 log = logging.getLogger(__name__)
 
 
-def build_reward(cfg: PPOStage, ctx: StageContext, model: OneBaseModel) -> RewardFn:
-    """A gold scorer, or the reward-model stage's adapter and head attached to the policy's base (one more frozen
-    adapter: no second copy of the model), scoring at the response's last token."""
-    if cfg.reward_stage is None:
+def reward_function(spec: dict[str, Any], where: str, ctx: StageContext, model: OneBaseModel,
+                    adapter_name: str = REWARD) -> RewardFn:
+    """A gold scorer spec, or `{stage: NAME}`: that reward-model stage's adapter and head attached to the policy's
+    base as `adapter_name` (one more frozen adapter: no second copy of the model), scoring at the response's last
+    token."""
+    if "stage" not in spec:
         from preferences.scorers import build_scorer
 
-        scorer = build_scorer(cfg.reward, f"stages.{ctx.name}.reward", str(ctx.recipe.source))
+        scorer = build_scorer(spec, where, str(ctx.recipe.source))
         return lambda prompts, completions: scorer.score([scorer_text(p) for p in prompts], completions)
     from reward_model.api import RewardModel
 
-    reward_model = RewardModel.attach(model.peft, ctx.input_path(cfg.reward_stage, "reward_model"), REWARD)
-    return reward_model.score
+    return RewardModel.attach(model.peft, ctx.input_path(spec["stage"], "reward_model"), adapter_name).score
 
 
-def train(cfg: PPOStage, ctx: StageContext) -> StageResult:
+class OneBase(NamedTuple):
+    """What a stage on the one-base model starts from."""
+
+    accelerator: Accelerator
+    tokenizer: Any
+    prompts: list[Prompt]
+    model: OneBaseModel
+    reference: str  # for the log: where the reference comes from
+
+
+def set_up(cfg: StageConfig, ctx: StageContext, value_model: str, release_freed_memory: bool,
+           value_from: Path | None = None) -> OneBase:
+    """The accelerator, tokenizer, encoded prompts (the data's train split) and the one-base model: policy and
+    reference from `from:` (or a fresh policy over the bare base), and the value function `value_model` asks for."""
     recipe, where = ctx.recipe, f"stages.{ctx.name}"
-    if cfg.args.release_freed_memory:
+    if release_freed_memory:
         return_freed_memory_to_os()
     # None, not "no": an earlier stage's trainer in this process may have set the shared state (bf16 weights).
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
@@ -55,26 +72,43 @@ def train(cfg: PPOStage, ctx: StageContext) -> StageResult:
                          ctx.run.stage_dir(cfg.data.stage) if cfg.data.stage else None)
     prompts = rollout_prompts(tokenizer, list(splits.train["prompt"]), splits.source)
     init_adapter = ctx.input_path(cfg.from_, "adapter") if cfg.from_ else None
-    value_from = ctx.input_path(cfg.reward_stage, "reward_model") if cfg.args.value_init == "reward" else None
-    model = OneBaseModel.build(recipe.model, resolved, init_adapter, cfg.args.value_model, accelerator.device,
+    model = OneBaseModel.build(recipe.model, resolved, init_adapter, value_model, accelerator.device,
                                value_from=value_from)
-    reward_fn = build_reward(cfg, ctx, model)
-    log.info("ppo: %d prompts, %d steps of %d x %d responses; reference = %s", len(prompts), cfg.args.max_steps,
-             cfg.args.rollout_batch_size, accelerator.num_processes,
-             f"adapter from '{cfg.from_}'" if init_adapter else "the base model (adapters disabled)")
+    reference = f"adapter from '{cfg.from_}'" if init_adapter else "the base model (adapters disabled)"
+    return OneBase(accelerator, tokenizer, prompts, model, reference)
 
-    tracker = Tracker(ctx.dir, recipe.report_to, f"{recipe.name}/{ctx.name}", ctx.is_main, to_dict(cfg.args))
-    trainer = PPOTrainer(cfg.args, model, tokenizer, prompts, reward_fn, accelerator, tracker, ctx.dir, recipe.seed)
+
+def run_trainer(make: Callable[[Tracker], OnPolicyTrainer], args: Any, ctx: StageContext) -> dict[str, float]:
+    """Train (resuming when the run is resumed) with a tracker over the stage directory; the final metrics."""
+    tracker = Tracker(ctx.dir, ctx.recipe.report_to, f"{ctx.recipe.name}/{ctx.name}", ctx.is_main, to_dict(args))
     try:
-        final = trainer.train(resume=ctx.resume)
+        return make(tracker).train(resume=ctx.resume)
     finally:
         tracker.close()
 
+
+def save_policy(base: OneBase, ctx: StageContext) -> None:
+    """The trained policy as a plain PEFT adapter with its tokenizer, in `adapter/`."""
     if ctx.is_main:
-        model.save_adapter(POLICY, ctx.dir / "adapter")
-        tokenizer.save_pretrained(ctx.dir / "adapter")
-        model.save_value(ctx.dir / "value")
-    accelerator.wait_for_everyone()
+        base.model.save_adapter(POLICY, ctx.dir / "adapter")
+        base.tokenizer.save_pretrained(ctx.dir / "adapter")
+
+
+def train(cfg: PPOStage, ctx: StageContext) -> StageResult:
+    recipe = ctx.recipe
+    value_from = ctx.input_path(cfg.reward_stage, "reward_model") if cfg.args.value_init == "reward" else None
+    base = set_up(cfg, ctx, cfg.args.value_model, cfg.args.release_freed_memory, value_from)
+    reward_fn = reward_function(cfg.reward, f"stages.{ctx.name}.reward", ctx, base.model)
+    log.info("ppo: %d prompts, %d steps of %d x %d responses; reference = %s", len(base.prompts), cfg.args.max_steps,
+             cfg.args.rollout_batch_size, base.accelerator.num_processes, base.reference)
+
+    final = run_trainer(lambda tracker: PPOTrainer(cfg.args, base.model, base.tokenizer, base.prompts, reward_fn,
+                                                   base.accelerator, tracker, ctx.dir, recipe.seed), cfg.args, ctx)
+
+    save_policy(base, ctx)
+    if ctx.is_main:
+        base.model.save_value(ctx.dir / "value")
+    base.accelerator.wait_for_everyone()
     keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "val/num_eos_tokens")
     return StageResult(outputs={"adapter": "adapter", "value": "value"},
                        metrics={k: final[k] for k in keys if k in final})

@@ -18,6 +18,10 @@ with one all-reduce of the flattened trainable parameters' gradients (the adapte
 applies the same update to the same weights, so the adapters stay identical without DDP's wrapper, which would
 broadcast the frozen base at start and cannot follow a forward that switches adapters.
 
+The loop itself (sampling, micro-batched forward passes, minibatch passes, gradient averaging, guards, checkpoints)
+is `OnPolicyTrainer`, shared with the critic-free family in ppo.grpo_trainer; `PPOTrainer` adds the rollout's
+values, GAE, the value loss and the KL controller.
+
 Guards: a step whose scores, log-probs, values or losses are not finite is skipped (counted in `guard/...`; the
 learning-rate schedule still advances by the step's share);
 `max_nonfinite_steps` in a row stop the run. A mean KL per response above `kl_ceiling` stops it before the update,
@@ -45,7 +49,7 @@ from common.runs import drop_lines_after
 from common.sampling import SamplingParams, encode_prompts
 from common.tracking import Tracker
 from ppo.adapters import OneBaseModel
-from ppo.advantages import gae, masked_mean, per_token_rewards
+from ppo.advantages import gae, global_whiten, masked_mean, per_token_rewards
 from ppo.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
 from ppo.config import PPOArgs
 from ppo.kl import kl_penalty, make_kl_controller
@@ -101,20 +105,6 @@ def prompt_indices(num_prompts: int, step: int, batch_size: int, rank: int, worl
     return indices
 
 
-def global_whiten(values: Tensor, mask: Tensor, reduce_sum: Callable[[Tensor], Tensor], eps: float = 1e-8) -> Tensor:
-    """`ppo.advantages.whiten` over the union of every process's batch: (x - mean) / sqrt(var + eps) with the
-    unbiased variance of all masked-in entries on all processes. `reduce_sum` sums a tensor over processes
-    (the identity on one process). Statistics in float64: sum of squares minus squared mean loses digits in float32."""
-    m = mask.bool()
-    x = torch.where(m, values, torch.zeros_like(values)).double()
-    sums = reduce_sum(torch.stack([x.sum(), (x * x).sum(), m.sum().double()]))
-    total, total_sq, n = sums[0], sums[1], sums[2]
-    mean = total / n
-    var = (total_sq / n - mean * mean) * n / (n - 1)
-    whitened = ((values.double() - mean) * torch.rsqrt(var + eps)).to(values.dtype)
-    return torch.where(m, whitened, torch.zeros_like(whitened))
-
-
 def trim_padding(ids: Tensor, mask: Tensor, start: int) -> tuple[slice, slice, int]:
     """Columns of a (micro-)batch that hold at least one real token: (sequence columns, response columns, new start).
     Left padding shared by every row and right padding after every response cost compute and change nothing."""
@@ -137,9 +127,9 @@ class Rollout:
     has_eos: Tensor  # [B]
     logprobs: Tensor  # log pi_old(token)
     ref_logprobs: Tensor  # log pi_ref(token)
-    values: Tensor  # V_old(s_t)
     entropy: Tensor  # entropy of pi_old at each token (a statistic)
     scores: Tensor  # [B] raw scores from the reward
+    values: Tensor | None = None  # V_old(s_t); None without a value function (the critic-free family)
     advantages: Tensor | None = None
     returns: Tensor | None = None
 
@@ -162,11 +152,31 @@ class Rollout:
         return Rollout(start=start, **picked)
 
 
-class PPOTrainer:
-    def __init__(self, args: PPOArgs, model: OneBaseModel, tokenizer: Any, prompts: list[Prompt], reward_fn: RewardFn,
-                 accelerator: Any, tracker: Tracker, stage_dir: Path, seed: int):
-        self.args, self.model, self.tokenizer = args, model, tokenizer
-        self.prompts, self.reward_fn = prompts, reward_fn
+@dataclass
+class PolicySamples:
+    """Completions sampled from the policy on this process, cut after their first EOS."""
+
+    ids: Tensor  # [B, P + R] left-padded prompts, then responses (padded after their EOS)
+    attention: Tensor  # [B, P + R]
+    start: int  # P
+    has_eos: Tensor  # [B]
+    completions: list[str]  # the decoded responses
+
+
+class OnPolicyTrainer:
+    """The loop PPO and the critic-free family (ppo.grpo_trainer) share: sampling, micro-batched no-grad forward
+    passes, the update's minibatch passes with gradients averaged over processes, the guards, checkpoints and
+    resume. A subclass implements `training_step(step) -> metrics` (and, for its own state, `trainer_state` /
+    `load_trainer_state`); `name` prefixes its logs."""
+
+    name = "ppo"
+    # What the guards' messages suggest besides a lower learning rate.
+    nonfinite_hint = "set args.score_clip / normalize_scores"
+    kl_hint = " (or set kl_target)"
+
+    def __init__(self, args: Any, model: OneBaseModel, tokenizer: Any, prompts: list[Prompt], accelerator: Any,
+                 tracker: Tracker, stage_dir: Path, seed: int, optimizer_steps: int):
+        self.args, self.model, self.tokenizer, self.prompts = args, model, tokenizer, prompts
         self.accelerator, self.tracker, self.seed = accelerator, tracker, seed
         self.stage_dir, self.checkpoints = stage_dir, stage_dir / "checkpoints"
         if accelerator.is_main_process:
@@ -174,11 +184,10 @@ class PPOTrainer:
         self.device = accelerator.device
         self.params = model.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        self.optimizer_steps_per_step = args.ppo_epochs * (args.rollout_batch_size // args.minibatch_size)
+        self.optimizer_steps_per_step = optimizer_steps // args.max_steps
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=args.warmup_steps,
-                                       num_training_steps=args.max_steps * self.optimizer_steps_per_step)
-        self.kl_ctl = make_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
-        self.step = 0  # completed PPO steps
+                                       num_training_steps=optimizer_steps)
+        self.step = 0  # completed steps
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.last_metrics: dict[str, float] = {}
@@ -199,10 +208,11 @@ class PPOTrainer:
         if resume:
             self._resume()
         args = self.args
-        bar = tqdm(total=args.max_steps, initial=self.step, desc="ppo", disable=not self.accelerator.is_main_process)
+        bar = tqdm(total=args.max_steps, initial=self.step, desc=self.name,
+                   disable=not self.accelerator.is_main_process)
         while self.step < args.max_steps:
             step = self.step + 1
-            metrics = self.ppo_step(step)
+            metrics = self.training_step(step)
             self.step = step
             self.tracker.log(metrics, step)
             bar.update(1)
@@ -214,102 +224,84 @@ class PPOTrainer:
         bar.close()
         return self.last_metrics
 
-    def ppo_step(self, step: int) -> dict[str, float]:
-        """One rollout and its PPO epochs (see the module docstring); returns the step's metrics."""
-        args, acc = self.args, self.accelerator
-        batch = [self.prompts[i] for i in prompt_indices(len(self.prompts), step, args.rollout_batch_size,
-                                                        acc.process_index, acc.num_processes, self.seed)]
-        rollout, completions, timing = self.rollout(batch, step)
-        beta = self.kl_ctl.value
-        mask = rollout.mask.bool()
-        finite = all(bool(torch.isfinite(t[mask]).all()) for t in (rollout.logprobs, rollout.ref_logprobs,
-                                                                      rollout.values))
-        if self._anywhere(not (finite and bool(torch.isfinite(rollout.scores).all()))):
-            return self._skip(step, "scores, log-probs or values")
+    def training_step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
 
-        kl = torch.where(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, args.kl_estimator_used), 0.0)
-        kl_per_response = kl.sum(1)
-        mean_kl = float(self._gather(kl_per_response).mean())
-        if args.kl_ceiling is not None and mean_kl > args.kl_ceiling:
-            self._stop_for_kl(step, mean_kl)
+    def step_prompts(self, step: int, batch_size: int) -> list[Prompt]:
+        acc = self.accelerator
+        return [self.prompts[i] for i in prompt_indices(len(self.prompts), step, batch_size, acc.process_index,
+                                                        acc.num_processes, self.seed)]
 
-        scores = self.shape_scores(rollout.scores, rollout.has_eos)
-        rewards = per_token_rewards(scores, kl, beta if args.kl_in_reward else 0.0, mask)
-        advantages, returns = gae(rewards, rollout.values, mask, args.gamma, args.lam)
-        rollout.advantages = global_whiten(advantages, mask, self._sum)
-        rollout.returns = returns
-
-        started = time.perf_counter()
-        update = self.update(rollout, step, beta)
-        timing["time/train"] = time.perf_counter() - started
-        if update is None:
-            return self._skip(step, "losses or gradients")
-        self.nonfinite_in_a_row = 0
-        self.kl_ctl.update(mean_kl, n_steps=args.rollout_batch_size * acc.num_processes)
-
-        if acc.is_main_process and (step % args.sample_every == 0 or step == 1):
-            self.write_samples(step, batch, completions, rollout.scores, kl_per_response)
-        return self.metrics(rollout, scores, kl_per_response, beta, update, timing)
-
-    # --- rollout -------------------------------------------------------------------------------------------------
-    def rollout(self, batch: list[Prompt], step: int) -> tuple[Rollout, list[str], dict[str, float]]:
-        args, model, tok = self.args, self.model, self.tokenizer
-        model.eval()
-        t0 = time.perf_counter()
-        # Every forward pass of the rollout under the update's autocast: the tokens are drawn from the distribution
-        # whose log-probs the update recomputes (the first PPO epoch starts at ratio 1).
+    # --- sampling and the rollout's forward passes ---------------------------------------------------------------
+    def sample(self, prompt_ids: list[list[int]], step: int) -> PolicySamples:
+        """One completion per entry of `prompt_ids` from the policy: every stage of this family samples here."""
+        args, tok = self.args, self.tokenizer
+        self.model.eval()
+        # Under the update's autocast: the tokens are drawn from the distribution whose log-probs the update
+        # recomputes (the first pass starts at ratio 1).
         with self.accelerator.autocast():
             params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     seed=step_seed(self.seed, step, self.accelerator.process_index, SAMPLING))
-            samples = model.sample(tok, [p.ids for p in batch], params)
-        response = samples.padded(range(len(batch)), tok.pad_token_id, self.device)
-        t1 = time.perf_counter()
-        completions = samples.texts
-        scores = self.reward_fn([p.prompt for p in batch], completions)
-        scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device)
-        t2 = time.perf_counter()
+            samples = self.model.sample(tok, prompt_ids, params)
+        batch = samples.padded(range(len(prompt_ids)), tok.pad_token_id, self.device)
+        return PolicySamples(ids=batch.ids, attention=batch.attention_mask, start=batch.response_start,
+                             has_eos=batch.has_eos, completions=samples.texts)
 
-        ids, attention = response.ids, response.attention_mask
-        parts: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
-        start, width = response.response_start, response.response_ids.shape[1]
+    def collect(self, batch: list[Prompt], step: int, score: Callable[[list[Any], list[str]], Tensor],
+                compute: Callable[[Tensor, Tensor, int], dict[str, Tensor]]) -> tuple[Rollout, list[str],
+                                                                                      dict[str, float]]:
+        """The rollout: sample one completion per prompt of `batch`, `score` them (prompts as in the data,
+        completions -> [B] scores) and run `compute` over the samples (see `per_token`)."""
+        t0 = time.perf_counter()
+        samples = self.sample([p.ids for p in batch], step)
+        t1 = time.perf_counter()
+        scores = score([p.prompt for p in batch], samples.completions).to(self.device)
+        t2 = time.perf_counter()
+        per_token = self.per_token(samples, compute)
+        t3 = time.perf_counter()
+        rollout = Rollout(ids=samples.ids, attention=samples.attention, start=samples.start,
+                          has_eos=samples.has_eos, scores=scores, **per_token)
+        timing = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forward": t3 - t2, "time/rollout": t3 - t0}
+        return rollout, samples.completions, timing
+
+    def per_token(self, samples: PolicySamples,
+                  compute: Callable[[Tensor, Tensor, int], dict[str, Tensor]]) -> dict[str, Tensor]:
+        """`compute(ids, attention, start)` -> per-token tensors, run without gradients over micro-batches with
+        their all-padding columns trimmed; the results padded back to [B, R] (0 on padding)."""
+        ids, attention, start = samples.ids, samples.attention, samples.start
+        width = ids.shape[1] - start
+        parts: dict[str, list[Tensor]] = {}
         with torch.no_grad(), self.accelerator.autocast():
-            for rows in torch.arange(len(batch)).split(args.micro_batch_size):
+            for rows in torch.arange(ids.shape[0]).split(self.args.micro_batch_size):
                 columns, response_columns, micro_start = trim_padding(ids[rows], attention[rows], start)
-                micro_ids, micro_attention = ids[rows][:, columns], attention[rows][:, columns]
-                out = model.policy_forward(micro_ids, micro_attention, micro_start, args.temperature, with_entropy=True)
-                values = out.values if out.values is not None else model.values(micro_ids, micro_attention, micro_start)
-                ref = model.reference_logprobs(micro_ids, micro_attention, micro_start, args.temperature)
-                for name, value in (("logprobs", out.logprobs), ("ref_logprobs", ref), ("values", values),
-                                    ("entropy", out.entropy)):
+                for name, value in compute(ids[rows][:, columns], attention[rows][:, columns], micro_start).items():
                     padded = torch.zeros(len(rows), width, dtype=value.dtype, device=value.device)
                     padded[:, response_columns] = value
-                    parts[name].append(padded)
-        t3 = time.perf_counter()
-        rollout = Rollout(ids=ids, attention=attention, start=start, has_eos=response.has_eos, scores=scores,
-                          **{name: torch.cat(chunks) for name, chunks in parts.items()})
-        timing = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forward": t3 - t2, "time/rollout": t3 - t0}
-        return rollout, completions, timing
+                    parts.setdefault(name, []).append(padded)
+        return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
-    def shape_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
-        """The score that enters the reward: (optionally) standardised over the global batch, then the missing-EOS
-        penalty, then clipped. Penalising after standardising keeps the penalty in the units the recipe gives it
-        (standardising after would cost a response penalty / sigma and inflate sigma itself). trl's PPO trainer
-        did the same: it subtracted the penalty from the reward model's scores, which the N+ recipe has normalised
-        beforehand (Huang et al. 2024, details 8 and 10)."""
-        args = self.args
-        if args.normalize_scores:
-            everyone = self._gather(scores)
-            scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
-        if args.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, scores - args.missing_eos_penalty)
-        if args.score_clip is not None:
-            scores = scores.clamp(-args.score_clip, args.score_clip)
-        return scores
+    def finite(self, rollout: Rollout, per_token: tuple[Tensor, ...]) -> bool:
+        """Whether the scores and `per_token` (on the response tokens) are finite on every process."""
+        mask = rollout.mask.bool()
+        finite = all(bool(torch.isfinite(t[mask]).all()) for t in per_token)
+        return not self._anywhere(not (finite and bool(torch.isfinite(rollout.scores).all())))
+
+    def rollout_kl(self, rollout: Rollout, estimator: str, step: int) -> tuple[Tensor, float]:
+        """Per-token KL(pi || pi_ref) estimates of the rollout (0 on padding) and their mean sum per response over
+        the global batch; a mean above args.kl_ceiling stops the run here, before the update."""
+        mask = rollout.mask.bool()
+        kl = torch.where(mask, kl_penalty(rollout.logprobs, rollout.ref_logprobs, estimator), 0.0)
+        mean_kl = float(self._gather(kl.sum(1)).mean())
+        if self.args.kl_ceiling is not None and mean_kl > self.args.kl_ceiling:
+            self._stop_for_kl(step, mean_kl)
+        return kl, mean_kl
 
     # --- update --------------------------------------------------------------------------------------------------
-    def update(self, rollout: Rollout, step: int, beta: float) -> dict[str, float] | None:
-        """The PPO epochs over minibatches. Returns the averaged statistics, or None when a loss or gradient was not
-        finite (the rest of the update is then skipped; minibatches already applied stay applied)."""
+    def update(self, rollout: Rollout, step: int, passes: int,
+               backward: Callable[[Rollout], dict[str, Tensor] | None]) -> dict[str, float] | None:
+        """`passes` passes over the rollout in shuffled minibatches (one optimizer step each; `backward` each
+        micro-batch). Returns the averaged statistics, or None when a loss or gradient was not finite (the rest of
+        the update is then skipped; minibatches already applied stay applied)."""
         args, model = self.args, self.model
         model.train()
         order_rng = torch.Generator().manual_seed(step_seed(self.seed, step, self.accelerator.process_index,
@@ -317,11 +309,11 @@ class PPOTrainer:
         totals: dict[str, float] = {}
         count = 0
         size = rollout.ids.shape[0]
-        for _ in range(args.ppo_epochs):
+        for _ in range(passes):
             order = torch.randperm(size, generator=order_rng)
             for minibatch in order.split(args.minibatch_size):
                 for rows in minibatch.split(args.micro_batch_size):
-                    stats = self.backward(rollout.micro_batch(rows.to(rollout.ids.device)), beta)
+                    stats = backward(rollout.micro_batch(rows.to(rollout.ids.device)))
                     if stats is None:
                         self.optimizer.zero_grad(set_to_none=True)
                         return None
@@ -333,39 +325,6 @@ class PPOTrainer:
         averaged = torch.tensor([totals[k] / count for k in totals], device=self.device)
         averaged = self._sum(averaged) / self.accelerator.num_processes
         return dict(zip(totals, averaged.tolist(), strict=True))
-
-    def backward(self, mb: Rollout, beta: float) -> dict[str, Tensor] | None:
-        """The losses of one micro-batch, backpropagated (gradients add up over its minibatch); None when a loss is
-        not finite on some process (nothing more is backpropagated then).
-
-        A separate value adapter gets its own forward and backward pass after the policy's: gradient checkpointing
-        recomputes layers during the backward pass with the adapter active at that time (see ppo.adapters).
-        """
-        args, model, mask = self.args, self.model, mb.mask
-        with self.accelerator.autocast():
-            out = model.policy_forward(mb.ids, mb.attention, mb.start, args.temperature,
-                                       with_entropy=args.entropy_coef > 0)
-        pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, args.clip_range)
-        loss = pg_loss
-        if args.entropy_coef > 0:
-            loss = loss - args.entropy_coef * masked_mean(out.entropy, mask)
-        if not args.kl_in_reward:
-            # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs (which
-            # gradient each estimator follows: ppo/kl.py).
-            loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator_used), mask)
-        values = out.values
-        if values is None:
-            if not self._backward(loss):
-                return None
-            loss = torch.zeros((), device=loss.device)
-            with self.accelerator.autocast():
-                values = model.values(mb.ids, mb.attention, mb.start)
-        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, args.clip_range_value)
-        if not self._backward(loss + args.vf_coef * vf_loss):
-            return None
-        return {"policy/approxkl_avg": pg_stats["approx_kl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
-                "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
-                "val/clipfrac_avg": vf_stats["clipfrac"], "val/ratio": pg_stats["ratio_mean"]}
 
     def _backward(self, loss: Tensor) -> bool:
         if self._anywhere(not bool(torch.isfinite(loss))):
@@ -436,18 +395,18 @@ class PPOTrainer:
         self.nonfinite_total += 1
         self.optimizer.zero_grad(set_to_none=True)
         self._advance_schedule_to(step)
-        log.warning("ppo step %d: non-finite %s; the batch is skipped (%d in a row) and the learning-rate schedule "
-                    "moves on as if it had trained", step, what, self.nonfinite_in_a_row)
+        log.warning("%s step %d: non-finite %s; the batch is skipped (%d in a row) and the learning-rate schedule "
+                    "moves on as if it had trained", self.name, step, what, self.nonfinite_in_a_row)
         if self.nonfinite_in_a_row >= self.args.max_nonfinite_steps:
             self.tracker.log({"guard/nonfinite_steps": float(self.nonfinite_total)}, step)
             raise TrainingStopped(
-                f"ppo: {self.nonfinite_in_a_row} steps in a row had non-finite {what} (up to step {step}); stopped. "
-                f"Lower args.learning_rate, set args.score_clip / normalize_scores, or check the reward; "
+                f"{self.name}: {self.nonfinite_in_a_row} steps in a row had non-finite {what} (up to step {step}); "
+                f"stopped. Lower args.learning_rate, {self.nonfinite_hint}, or check the reward; "
                 f"--resume continues from {latest_checkpoint(self.checkpoints) or 'the start'}")
         return {"guard/nonfinite_steps": float(self.nonfinite_total)}
 
     def _advance_schedule_to(self, step: int) -> None:
-        """Step the scheduler to where it is after `step` PPO steps that all trained: the schedule is laid out over
+        """Step the scheduler to where it is after `step` steps that all trained: the schedule is laid out over
         max_steps (warm-up, decay to the end), and a skipped step (or the rest of one, when a minibatch failed
         half-way) would otherwise shift every later learning rate and leave the decay unfinished at the last step."""
         with warnings.catch_warnings():  # a first step skipped steps the scheduler before any optimizer.step()
@@ -467,15 +426,19 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
         good = latest_checkpoint(self.checkpoints)
         raise TrainingStopped(
-            f"ppo: objective/kl = {mean_kl:.4g} at step {step} exceeds args.kl_ceiling = {self.args.kl_ceiling}; "
-            f"stopped before updating{note}. Last good checkpoint: {good or 'none'}. Raise args.kl_coef (or set "
-            "kl_target), lower args.learning_rate, or raise kl_ceiling")
+            f"{self.name}: objective/kl = {mean_kl:.4g} at step {step} exceeds args.kl_ceiling = "
+            f"{self.args.kl_ceiling}; stopped before updating{note}. Last good checkpoint: {good or 'none'}. Raise "
+            f"args.kl_coef{self.kl_hint}, lower args.learning_rate, or raise kl_ceiling")
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "kl_controller": self.kl_ctl.state_dict(),
-                "nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
-                "last_metrics": self.last_metrics}
+        return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "nonfinite_total": self.nonfinite_total, "last_metrics": self.last_metrics}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite_in_a_row"], state["nonfinite_total"]
+        self.last_metrics = state["last_metrics"]
 
     def save(self, step: int) -> None:
         save_checkpoint(self.checkpoints, step, self.model.trainable_state(), self.optimizer, self.scheduler,
@@ -484,17 +447,127 @@ class PPOTrainer:
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpoints) if self.checkpoints.is_dir() else None
         if path is None:
-            log.info("ppo: no checkpoint in %s; starting from step 0", self.checkpoints)
+            log.info("%s: no checkpoint in %s; starting from step 0", self.name, self.checkpoints)
             return
         trainable, state = load_checkpoint(path, self.optimizer, self.scheduler, self.accelerator)
         self.model.load_trainable_state(trainable)
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.step = state["step"]
-        self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite_in_a_row"], state["nonfinite_total"]
-        self.last_metrics = state["last_metrics"]
-        log.info("ppo: resumed from %s (step %d of %d)", path, self.step, self.args.max_steps)
+        self.load_trainer_state(state)
+        log.info("%s: resumed from %s (step %d of %d)", self.name, path, self.step, self.args.max_steps)
         if self.accelerator.is_main_process:  # later lines will be written again, by the steps that follow
             for name in ("metrics.jsonl", "samples.jsonl"):
                 drop_lines_after(self.stage_dir / name, self.step)
         self.accelerator.wait_for_everyone()
+
+
+class PPOTrainer(OnPolicyTrainer):
+    def __init__(self, args: PPOArgs, model: OneBaseModel, tokenizer: Any, prompts: list[Prompt], reward_fn: RewardFn,
+                 accelerator: Any, tracker: Tracker, stage_dir: Path, seed: int):
+        minibatches = args.rollout_batch_size // args.minibatch_size
+        super().__init__(args, model, tokenizer, prompts, accelerator, tracker, stage_dir, seed,
+                         optimizer_steps=args.max_steps * args.ppo_epochs * minibatches)
+        self.reward_fn = reward_fn
+        self.kl_ctl = make_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
+
+    def training_step(self, step: int) -> dict[str, float]:
+        """One rollout and its PPO epochs (see the module docstring); returns the step's metrics."""
+        args, acc = self.args, self.accelerator
+        batch = self.step_prompts(step, args.rollout_batch_size)
+        rollout, completions, timing = self.rollout(batch, step)
+        beta = self.kl_ctl.value
+        mask = rollout.mask.bool()
+        if not self.finite(rollout, (rollout.logprobs, rollout.ref_logprobs, rollout.values)):
+            return self._skip(step, "scores, log-probs or values")
+        kl, mean_kl = self.rollout_kl(rollout, args.kl_estimator_used, step)
+        kl_per_response = kl.sum(1)
+
+        scores = self.shape_scores(rollout.scores, rollout.has_eos)
+        rewards = per_token_rewards(scores, kl, beta if args.kl_in_reward else 0.0, mask)
+        advantages, returns = gae(rewards, rollout.values, mask, args.gamma, args.lam)
+        rollout.advantages = global_whiten(advantages, mask, self._sum)
+        rollout.returns = returns
+
+        started = time.perf_counter()
+        update = self.update(rollout, step, args.ppo_epochs, lambda mb: self.backward(mb, beta))
+        timing["time/train"] = time.perf_counter() - started
+        if update is None:
+            return self._skip(step, "losses or gradients")
+        self.nonfinite_in_a_row = 0
+        self.kl_ctl.update(mean_kl, n_steps=args.rollout_batch_size * acc.num_processes)
+
+        if acc.is_main_process and (step % args.sample_every == 0 or step == 1):
+            self.write_samples(step, batch, completions, rollout.scores, kl_per_response)
+        return self.metrics(rollout, scores, kl_per_response, beta, update, timing)
+
+    # --- rollout -------------------------------------------------------------------------------------------------
+    def rollout(self, batch: list[Prompt], step: int) -> tuple[Rollout, list[str], dict[str, float]]:
+        model, temperature = self.model, self.args.temperature
+
+        def score(prompts: list[Any], completions: list[str]) -> Tensor:
+            return torch.as_tensor(self.reward_fn(prompts, completions), dtype=torch.float32)
+
+        def compute(ids: Tensor, attention: Tensor, start: int) -> dict[str, Tensor]:
+            out = model.policy_forward(ids, attention, start, temperature, with_entropy=True)
+            values = out.values if out.values is not None else model.values(ids, attention, start)
+            return {"logprobs": out.logprobs, "ref_logprobs": model.reference_logprobs(ids, attention, start,
+                                                                                         temperature),
+                    "values": values, "entropy": out.entropy}
+
+        return self.collect(batch, step, score, compute)
+
+    def shape_scores(self, scores: Tensor, has_eos: Tensor) -> Tensor:
+        """The score that enters the reward: (optionally) standardised over the global batch, then the missing-EOS
+        penalty, then clipped. Penalising after standardising keeps the penalty in the units the recipe gives it
+        (standardising after would cost a response penalty / sigma and inflate sigma itself). trl's PPO trainer
+        did the same: it subtracted the penalty from the reward model's scores, which the N+ recipe has normalised
+        beforehand (Huang et al. 2024, details 8 and 10)."""
+        args = self.args
+        if args.normalize_scores:
+            everyone = self._gather(scores)
+            scores = (scores - everyone.mean()) / (everyone.std() + 1e-8)
+        if args.missing_eos_penalty is not None:
+            scores = torch.where(has_eos, scores, scores - args.missing_eos_penalty)
+        if args.score_clip is not None:
+            scores = scores.clamp(-args.score_clip, args.score_clip)
+        return scores
+
+    # --- update --------------------------------------------------------------------------------------------------
+    def backward(self, mb: Rollout, beta: float) -> dict[str, Tensor] | None:
+        """The losses of one micro-batch, backpropagated (gradients add up over its minibatch); None when a loss is
+        not finite on some process (nothing more is backpropagated then).
+
+        A separate value adapter gets its own forward and backward pass after the policy's: gradient checkpointing
+        recomputes layers during the backward pass with the adapter active at that time (see ppo.adapters).
+        """
+        args, model, mask = self.args, self.model, mb.mask
+        with self.accelerator.autocast():
+            out = model.policy_forward(mb.ids, mb.attention, mb.start, args.temperature,
+                                       with_entropy=args.entropy_coef > 0)
+        pg_loss, pg_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, args.clip_range)
+        loss = pg_loss
+        if args.entropy_coef > 0:
+            loss = loss - args.entropy_coef * masked_mean(out.entropy, mask)
+        if not args.kl_in_reward:
+            # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs (which
+            # gradient each estimator follows: ppo/kl.py).
+            loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator_used), mask)
+        values = out.values
+        if values is None:
+            if not self._backward(loss):
+                return None
+            loss = torch.zeros((), device=loss.device)
+            with self.accelerator.autocast():
+                values = model.values(mb.ids, mb.attention, mb.start)
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, args.clip_range_value)
+        if not self._backward(loss + args.vf_coef * vf_loss):
+            return None
+        return {"policy/approxkl_avg": pg_stats["approx_kl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+                "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
+                "val/clipfrac_avg": vf_stats["clipfrac"], "val/ratio": pg_stats["ratio_mean"]}
+
+    def trainer_state(self) -> dict[str, Any]:
+        return super().trainer_state() | {"kl_controller": self.kl_ctl.state_dict()}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        super().load_trainer_state(state)
+        self.kl_ctl.load_state_dict(state["kl_controller"])
 

@@ -12,8 +12,10 @@ from common.config import Recipe, StageConfig
 from common.data import READABLE_AS
 from common.errors import InputError
 from common.runs import StageContext, StageResult
+from dpo import online as online_dpo
 from dpo import stage as dpo_stage
 from eval import stage as eval_stage
+from ppo import grpo_config, grpo_stage
 from ppo import stage as ppo_stage
 from preferences import stage as preferences_stage
 from reward_model import stage as reward_model_stage
@@ -32,7 +34,9 @@ class StageKind(NamedTuple):
 STAGE_KINDS: dict[str, StageKind] = {
     "sft": StageKind(sft_stage.SFTStage, sft_stage.train, reads="sft"),
     "ppo": StageKind(ppo_stage.PPOStage, ppo_stage.train, reads="prompt"),
+    "grpo": StageKind(grpo_config.GRPOStage, grpo_stage.train, reads="prompt"),
     "dpo": StageKind(dpo_stage.DPOStage, dpo_stage.train, reads="preference"),
+    "online_dpo": StageKind(online_dpo.OnlineDPOStage, online_dpo.train, reads="prompt"),
     "preferences": StageKind(preferences_stage.PreferencesStage, preferences_stage.train, writes="preference"),
     "reward_model": StageKind(reward_model_stage.RewardModelStage, reward_model_stage.train, reads="preference"),
     "eval": StageKind(eval_stage.EvalStage, eval_stage.train, reads="prompt"),

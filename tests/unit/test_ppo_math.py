@@ -32,6 +32,11 @@ def test_kl_penalty_k1_is_the_log_ratio():
     close(kl_penalty(t([-1.0, -2.0]), t([-1.5, -1.0]), "k1"), [0.5, -1.0])
 
 
+def test_kl_penalty_k2_by_hand():
+    # k2 = (log p - log p_ref)^2 / 2: 0.5^2 / 2 = 0.125 and (-1)^2 / 2 = 0.5.
+    close(kl_penalty(t([-1.0, -2.0]), t([-1.5, -1.0]), "k2"), [0.125, 0.5])
+
+
 def test_kl_penalty_k3_by_hand():
     # log r = log p_ref - log p = [-0.5, 1.0]; k3 = (r - 1) - log r:
     #   e^-0.5 - 1 + 0.5 = 0.6065306597 - 0.5 = 0.1065306597
@@ -47,11 +52,6 @@ def test_kl_penalty_k3_is_nonnegative_and_second_order_near_zero():
     # over 3x too large, because exp(1e-4) = 1.0001 keeps only ~3 significant digits of x in float32.
     small = kl_penalty(torch.zeros(1), torch.full((1,), 1e-4), "k3")
     close(small, [0.5e-8], tol=1e-11)
-
-
-def test_kl_penalty_k2_by_hand():
-    # log-ratio [0.5, -1.0]; k2 = half its square: [0.125, 0.5].
-    close(kl_penalty(t([-1.0, -2.0]), t([-1.5, -1.0]), "k2"), [0.125, 0.5])
 
 
 def _expected_loss_gradient(logits: torch.Tensor, ref_logits: torch.Tensor, estimator: str) -> torch.Tensor:

@@ -1,0 +1,234 @@
+"""Benchmark: our GRPO / RLOO (ppo.grpo_trainer) against trl 1.16's GRPOTrainer and RLOOTrainer; prints figures,
+asserts nothing.
+
+The same setting for all four: SmolLM2-135M-Instruct (the embedded default) with LoRA r=16 continued from an SFT
+adapter (which is also the frozen reference: trl copies it as its "ref" adapter, we hold it as ours), the shipped
+training prompts in the same order, G completions per prompt, the same max new tokens, temperature (no top-k / top-p),
+learning rate, KL coefficient (k3 in the loss, as both do), steps, and the VADER gold scorer as the reward. One step
+= one generation of prompts_per_step x G completions and one optimizer step over them (trl: steps_per_generation =
+gradient_accumulation_steps = --micro-batches; ours: num_iterations 1, minibatch = the generation). Token-level loss
+and group-std scaling are both trainers' defaults (trl loss_type "dapo", scale_rewards "group").
+
+Each trainer runs in its own process (`--child`), so that its peak RSS (ru_maxrss, loading included) is its own.
+Reported: seconds per step (median over the steps after the first), peak RSS, and the gold (VADER) reward gain over
+the SFT policy on held-out prompts after the same number of steps: per prompt, the mean over --eval-samples samples
+of the trained policy minus that of the SFT policy (sampled with the same seeds by the same sampler,
+eval.generation.sample_model), with a 95% bootstrap interval over prompts (common.stats.bootstrap_ci).
+
+    nice -n 10 .venv/bin/python benchmarks/grpo_vs_trl.py --sft runs/sentiment/ID/sft/adapter [--steps 16]
+    .venv/bin/python benchmarks/grpo_vs_trl.py --tiny      # the tiny random model, 2 steps: checks the script runs
+
+Without --sft a stand-in SFT adapter (random LoRA weights) is written and used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.config import LoraSpec, ModelConfig  # noqa: E402
+from common.models import load_base_model, load_tokenizer, lora_config, resolve_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "recipes/data/sentiment/prompts_train.jsonl"
+HELDOUT = REPO / "recipes/data/sentiment/prompts_heldout.jsonl"
+IMPLEMENTATIONS = ("ours-grpo", "trl-grpo", "ours-rloo", "trl-rloo")
+
+
+def model_config(args) -> ModelConfig:
+    base = "tiny-random-llama" if args.tiny else args.model
+    return ModelConfig(base=base, dtype="float32", lora=LoraSpec(r=16, alpha=32, dropout=0.0))
+
+
+def read_prompts(path: Path, limit: int | None = None) -> list:
+    rows = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def write_stand_in_sft(cfg: ModelConfig, directory: Path) -> Path:
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    config = lora_config(cfg.lora)
+    config.init_lora_weights = False
+    get_peft_model(load_base_model(cfg, resolve_model(cfg.base), training=False), config).save_pretrained(directory)
+    return directory
+
+
+def vader_reward(prompts, completions, **_) -> list[float]:
+    """VADER compound of each completion; trl passes chat completions as message lists, ours passes text."""
+    from preferences.scorers import build_scorer
+
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return build_scorer("vader").score(["" for _ in texts], texts)
+
+
+def heldout_gold(model, tokenizer, args) -> list[float]:
+    """Per held-out prompt, the mean VADER reward of --eval-samples completions (the eval stage's sampler)."""
+    from common.sampling import encode_prompts
+    from eval.generation import SamplingSettings, sample_model
+
+    prompts = read_prompts(HELDOUT, args.eval_prompts)
+    settings = SamplingSettings(args.eval_samples, args.max_new_tokens, args.temperature, seed=1234)
+    samples = sample_model(model, tokenizer, encode_prompts(tokenizer, prompts, "policy"), settings)
+    scores = np.asarray(vader_reward(None, samples.texts)).reshape(len(prompts), args.eval_samples)
+    return scores.mean(axis=1).tolist()
+
+
+def run_ours(args, cfg: ModelConfig, sft: Path) -> dict:
+    from accelerate import Accelerator
+
+    from common.tracking import Tracker
+    from ppo.adapters import OneBaseModel
+    from ppo.grpo_config import GRPOArgs
+    from ppo.grpo_trainer import GRPOTrainer, RewardTerm
+    from ppo.stage import encode_prompts
+
+    resolved = resolve_model(cfg.base)
+    tokenizer = load_tokenizer(resolved)
+    model = OneBaseModel.build(cfg, resolved, sft, "none", torch.device("cpu"))
+    size = args.prompts_per_step * args.group_size
+    grpo = GRPOArgs(max_steps=args.steps, prompts_per_step=args.prompts_per_step, group_size=args.group_size,
+                    minibatch_size=size, gradient_accumulation_steps=args.micro_batches, num_iterations=1,
+                    learning_rate=args.lr, lr_scheduler_type="linear", max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, advantage=args.child.split("-")[1], kl_coef=args.beta,
+                    kl_estimator="k3", loss_aggregation="token", save_steps=10**9)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = GRPOTrainer(grpo, model, tokenizer, encode_prompts(read_prompts(TRAIN), tokenizer, str(TRAIN)),
+                              [RewardTerm("vader", 1.0, vader_reward)], Accelerator(cpu=True),
+                              Tracker(Path(out), is_main=False), Path(out), seed=0)
+        seconds = []
+        for step in range(1, args.steps + 1):
+            started = time.perf_counter()
+            trainer.training_step(step)
+            seconds.append(time.perf_counter() - started)
+    model.eval()
+    model.peft.set_adapter("policy")
+    return {"seconds": seconds, "gold": heldout_gold(model.peft, tokenizer, args)}
+
+
+def run_trl(args, cfg: ModelConfig, sft: Path) -> dict:
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    class StepTimes(TrainerCallback):
+        """Wall time between optimizer steps (generation, scoring and the update of one step)."""
+
+        def __init__(self):
+            self.seconds, self.last = [], 0.0
+
+        def on_train_begin(self, *_, **__):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
+
+    resolved = resolve_model(cfg.base)
+    tokenizer = load_tokenizer(resolved)
+    model = PeftModel.from_pretrained(load_base_model(cfg, resolved), sft, is_trainable=True)
+    size = args.prompts_per_step * args.group_size
+    rows = [{"prompt": [{"role": "user", "content": p}] if isinstance(p, str) else p} for p in read_prompts(TRAIN)]
+    config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if args.child == "trl-grpo" else (RLOOConfig, RLOOTrainer)
+    timer = StepTimes()
+    with tempfile.TemporaryDirectory() as out:
+        config = config_cls(output_dir=out, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="linear",
+                            per_device_train_batch_size=size // args.micro_batches,
+                            gradient_accumulation_steps=args.micro_batches, steps_per_generation=args.micro_batches,
+                            num_generations=args.group_size, max_completion_length=args.max_new_tokens,
+                            temperature=args.temperature, top_k=0, top_p=1.0, beta=args.beta, num_iterations=1,
+                            epsilon=0.2, report_to="none", save_strategy="no", logging_steps=1, bf16=False,
+                            use_cpu=not torch.cuda.is_available(), seed=0, shuffle_dataset=True)
+        trainer = trainer_cls(model=model, reward_funcs=vader_reward, args=config,
+                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer])
+        trainer.train()
+    policy = trainer.model
+    if "ref" in policy.peft_config:
+        policy.delete_adapter("ref")
+    return {"seconds": timer.seconds, "gold": heldout_gold(policy.eval(), tokenizer, args)}
+
+
+def run_sft(args, cfg: ModelConfig, sft: Path) -> dict:
+    from common.models import load_for_inference
+
+    resolved = resolve_model(cfg.base)
+    return {"seconds": [], "gold": heldout_gold(load_for_inference(cfg, resolved, sft), load_tokenizer(resolved),
+                                                args)}
+
+
+def child(args) -> dict:
+    torch.manual_seed(0)
+    cfg = model_config(args)
+    run = {"sft": run_sft, "ours": run_ours, "trl": run_trl}[args.child.split("-")[0]]
+    result = run(args, cfg, args.sft)
+    return result | {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--sft", type=Path, help="the SFT adapter to start from (else a random stand-in)")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--prompts-per-step", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=2, help="gradient-accumulation micro-batches per step")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--eval-prompts", type=int, default=64)
+    parser.add_argument("--eval-samples", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--tiny", action="store_true", help="the tiny random model, 2 steps, few prompts")
+    parser.add_argument("--child", choices=("sft", *IMPLEMENTATIONS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tiny and args.child is None:
+        args.steps, args.prompts_per_step, args.group_size, args.max_new_tokens = 2, 2, 2, 8
+        args.eval_prompts, args.micro_batches = 4, 1
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    from common.stats import bootstrap_ci
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.sft is None:
+            args.sft = write_stand_in_sft(model_config(args), Path(tmp) / "sft")
+        passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                  if k not in ("only", "tiny", "child") and v is not None]
+        results = {}
+        for name in ("sft", *args.only):
+            cmd = [sys.executable, __file__, *passed, *(["--tiny"] if args.tiny else []), "--child", name]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)  # progress: stderr
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    sft_gold = np.asarray(results["sft"]["gold"])
+    print(f"\n{args.steps} steps of {args.prompts_per_step} prompts x {args.group_size} completions, "
+          f"{args.max_new_tokens} new tokens, lr {args.lr}, beta {args.beta}; held-out gold over SFT on "
+          f"{len(sft_gold)} prompts x {args.eval_samples} samples (SFT mean {sft_gold.mean():.4f})")
+    print(f"{'trainer':<10} {'s/step':>8} {'peak RSS MB':>12} {'gold gain':>10}  95% CI")
+    for name in args.only:
+        r = results[name]
+        later = r["seconds"][1:] or r["seconds"]
+        gain = np.asarray(r["gold"]) - sft_gold
+        low, high = bootstrap_ci(gain)
+        print(f"{name:<10} {statistics.median(later):>8.2f} {r['peak_rss_mb']:>12.0f} {gain.mean():>10.4f}  "
+              f"[{low:.4f}, {high:.4f}]")
+
+
+if __name__ == "__main__":
+    main()
