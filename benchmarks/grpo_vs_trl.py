@@ -94,7 +94,7 @@ def run_ours(args, cfg: ModelConfig, sft: Path) -> dict:
     from ppo.adapters import OneBaseModel
     from ppo.grpo_config import GRPOArgs
     from ppo.grpo_trainer import GRPOTrainer, RewardTerm
-    from ppo.stage import encode_prompts
+    from ppo.trainer import rollout_prompts
 
     resolved = resolve_model(cfg.base)
     tokenizer = load_tokenizer(resolved)
@@ -106,7 +106,7 @@ def run_ours(args, cfg: ModelConfig, sft: Path) -> dict:
                     temperature=args.temperature, advantage=args.child.split("-")[1], kl_coef=args.beta,
                     kl_estimator="k3", loss_aggregation="token", save_steps=10**9)
     with tempfile.TemporaryDirectory() as out:
-        trainer = GRPOTrainer(grpo, model, tokenizer, encode_prompts(read_prompts(TRAIN), tokenizer, str(TRAIN)),
+        trainer = GRPOTrainer(grpo, model, tokenizer, rollout_prompts(tokenizer, read_prompts(TRAIN), str(TRAIN)),
                               [RewardTerm("vader", 1.0, vader_reward)], Accelerator(cpu=True),
                               Tracker(Path(out), is_main=False), Path(out), seed=0)
         seconds = []

@@ -160,7 +160,8 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(recipe_file, tmp_path)
     (stage / "done.json").unlink()
     assert main([*common, "--resume"]) == 0
     steps = [m["step"] for m in read_metrics(stage / "metrics.jsonl") if "rewards/margins" in m]
-    assert steps == [1, 2, 2], "the resumed run starts after checkpoint-1"
+    # The resumed run starts after checkpoint-1 and drops the logged step 2 it redoes: each step once, in order.
+    assert steps == [1, 2]
     resumed = load_file(stage / "adapter" / "adapter_model.safetensors")
     assert whole.keys() == resumed.keys()
     assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole)

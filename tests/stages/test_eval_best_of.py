@@ -11,7 +11,7 @@ import pytest
 from common.tracking import read_metrics
 from recipes.cli import main
 from recipes.runner import RunOptions, run_recipe
-from tests.stages.test_eval_stage import EVAL, eval_recipe, one_thread  # noqa: F401, F811 - fixtures
+from tests.stages.test_eval_stage import EVAL, eval_recipe  # noqa: F401 - a fixture
 
 LETTERS = {"scorer": "regex", "pattern": "[a-z]"}
 
