@@ -1,0 +1,1 @@
+"""LLM-as-judge: pairwise judgements with position swap, grading, and arena ratings (`judge.arena`)."""
