@@ -32,15 +32,23 @@ from common.errors import InputError
 SEPARATOR = "\n\n"
 
 
-def example_texts(path: str | Path, field: str | None = None) -> list[str]:
-    """The examples of a test set in file order: a multiple-choice set (anything `eval.mc.data.load_questions`
-    reads) as its lm-eval letter-mode example with the answer, or, with `field`, that key of each jsonl row."""
-    from eval.mc.data import load_questions
+DEFAULTS = {"shards": 10, "permutations": 20, "seed": 0}
+
+
+def mc_example_texts(questions) -> list[str]:
+    """Multiple-choice questions as their lm-eval letter-mode example with the answer: question, options, Answer."""
     from eval.mc.prompts import TARGET_DELIMITER, choice_texts, question_text
 
+    return [question_text(q, "letter") + TARGET_DELIMITER + choice_texts(q, "letter")[q.answer] for q in questions]
+
+
+def example_texts(path: str | Path, field: str | None = None) -> list[str]:
+    """The examples of a test set in file order: a multiple-choice set (anything `eval.mc.data.load_questions`
+    reads) as `mc_example_texts`, or, with `field`, that key of each jsonl row."""
+    from eval.mc.data import load_questions
+
     if field is None:
-        return [question_text(q, "letter") + TARGET_DELIMITER + choice_texts(q, "letter")[q.answer]
-                for q in load_questions(path)]
+        return mc_example_texts(load_questions(path))
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found; check the path")
@@ -109,9 +117,12 @@ def ordering_rows(example_ids: Sequence[Sequence[int]], orderings: Sequence[Sequ
     return rows
 
 
-def contamination_test(model, tokenizer, texts: Sequence[str], shards: int = 10, permutations: int = 20,
-                       seed: int = 0, batch_size: int = 1, where: str = "contamination") -> dict:
-    """Run the sharded test (module docstring) of `texts` (the test set in canonical order) on `model`."""
+def contamination_test(model, tokenizer, texts: Sequence[str], shards: int = DEFAULTS["shards"],
+                       permutations: int = DEFAULTS["permutations"], seed: int = DEFAULTS["seed"],
+                       batch_size: int = 1, where: str = "contamination") -> dict:
+    """Run the sharded test (module docstring) of `texts` (the test set in canonical order) on `model`. Every position
+    of a sequence is scored, so a batch's logits are [its tokens, vocabulary]: hence one sequence per batch by
+    default."""
     from eval.mc.scoring import score_rows
 
     check_size(len(texts), shards, permutations, where)
