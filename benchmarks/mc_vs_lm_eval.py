@@ -28,6 +28,7 @@ Run from the repository root, e.g.
     .venv/bin/python benchmarks/mc_vs_lm_eval.py --questions 1000 --shots 5 --threads 2
     .venv/bin/python benchmarks/mc_vs_lm_eval.py --questions 300 --subjects 9 --shots 5   # ~34 per subject, as above
     .venv/bin/python benchmarks/mc_vs_lm_eval.py --mode cloze --shots 0 --questions 290
+    .venv/bin/python benchmarks/mc_vs_lm_eval.py --options 10 --shots 0 --questions 1000   # ten options (MMLU-Pro's)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,11 +56,14 @@ MIN_AGREEMENT, MAX_ACC_DIFF_POINTS = 0.995, 0.2
 MIN_SPEEDUP = {0: 1.25, 5: 4.0}
 MAX_RSS_RATIO, MIN_BARE_RATIO = 0.5, 0.95
 
+# lm-eval's mmlu template (one "\nX. choice" line per option) written as a loop so that it serves any number of
+# options; for four it renders the same text as mmlu's own "\nA. {{choices[0]}}...\nD. {{choices[3]}}" (tested in
+# tests/unit/test_mc_prompts.py). lm-eval renders a string doc_to_choice and reads it with ast.literal_eval.
 LETTER_TEMPLATE = {
     "output_type": "multiple_choice",
-    "doc_to_text": "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}"
-                   "\nAnswer:",
-    "doc_to_choice": ["A", "B", "C", "D"],
+    "doc_to_text": "{{question.strip()}}{% for choice in choices %}\n{{ 'ABCDEFGHIJ'[loop.index0] }}. {{choice}}"
+                   "{% endfor %}\nAnswer:",
+    "doc_to_choice": "{{ ['A', 'B', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'J'][:choices|length] }}",
     "doc_to_target": "answer",
 }
 CLOZE_TEMPLATE = {
@@ -133,14 +137,43 @@ def prepare_model(cache: Path) -> Path:
     return target
 
 
-def select(data: Path, n_questions: int, shots: int, n_subjects: int | None = None):
+def widen(questions, n_options: int, seed: int = 0):
+    """Each question with `n_options` choices, MMLU-Pro style: its own choices plus distractors drawn (seeded) from
+    the choices of other questions of the same subject, none equal to one it has, all shuffled, the answer
+    following its choice. Questions keep their order; a subject whose pool is too small is an error."""
+    import random
+
+    from eval.mc.data import MCQuestion
+
+    rng = random.Random(seed)
+    by_subject = defaultdict(list)
+    for i, q in enumerate(questions):
+        by_subject[q.subject].append(i)
+    out = []
+    for i, q in enumerate(questions):
+        pool = sorted({c for j in by_subject[q.subject] if j != i for c in questions[j].choices} - set(q.choices))
+        need = n_options - len(q.choices)
+        if need < 0 or len(pool) < need:
+            sys.exit(f"--options {n_options}: question {i + 1} ({q.subject}) has {len(q.choices)} choices and "
+                     f"{len(pool)} distinct distractors in its subject; ask for fewer options")
+        choices = list(q.choices) + rng.sample(pool, need)
+        order = list(range(n_options))
+        rng.shuffle(order)
+        out.append(MCQuestion(q.question, tuple(choices[k] for k in order), order.index(q.answer), q.subject))
+    return out
+
+
+def select(data: Path, n_questions: int, shots: int, n_subjects: int | None = None, n_options: int | None = None):
     """Per subject (file order) the first `shots` questions are the dev split; the test questions are taken
     round-robin over the subjects (the first `n_subjects` only, when given), each subject's in file order, until
-    there are `n_questions`."""
+    there are `n_questions`. With `n_options`, every question is first widened to that many choices (`widen`)."""
     from eval.mc.data import load_jsonl
 
+    questions = load_jsonl(data)
+    if n_options is not None:
+        questions = widen(questions, n_options)
     by_subject = defaultdict(list)
-    for q in load_jsonl(data):
+    for q in questions:
         by_subject[q.subject].append(q)
     pools = {s: qs[shots:] for s, qs in list(by_subject.items())[:n_subjects]}
     if n_questions > sum(map(len, pools.values())):
@@ -239,7 +272,7 @@ def ours_worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     model_dir = prepare_model(args.work)
-    subjects, dev, test = select(args.data, args.questions, args.shots, args.subjects)
+    subjects, dev, test = select(args.data, args.questions, args.shots, args.subjects, args.options)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     questions = [q for s in subjects for q in test[s]]
@@ -376,6 +409,11 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--mode", choices=["letter", "cloze"], default="letter")
     parser.add_argument("--chat", action="store_true", help="apply the chat template (both harnesses)")
+    parser.add_argument("--options", type=int, choices=range(2, 11), metavar="N",
+                        help="widen every question to N choices (<= 10, letters A-J) with distractors from other "
+                             "questions of its subject, seeded (see `widen`); default: the choices as given")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build and select the question set, print its shape, and stop (no model, no lm-eval)")
     parser.add_argument("--batch-size", type=int, default=8, help="both harnesses (lm-eval's `auto` is not offered)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ablation", action="store_true", help="also time ours without the prefix KV cache")
@@ -393,10 +431,14 @@ def main() -> None:
         ours_worker(args)
         return
 
+    subjects, dev, test = select(args.data, args.questions, args.shots, args.subjects, args.options)
+    if args.build_only:
+        n = Counter(len(q.choices) for s in subjects for q in test[s])
+        print(f"{sum(n.values())} test questions over {len(subjects)} subjects; choices per question: {dict(n)}")
+        return
     model_dir = prepare_model(args.work)
-    subjects, dev, test = select(args.data, args.questions, args.shots, args.subjects)
-    task_names = write_tasks(args.work / f"tasks-{args.mode}-{args.shots}shot", subjects, dev, test, args.mode,
-                             args.shots)
+    tasks_dir = args.work / f"tasks-{args.mode}-{args.shots}shot-{args.options or 'as-given'}options"
+    task_names = write_tasks(tasks_dir, subjects, dev, test, args.mode, args.shots)
     ours = run_ours(args)
     result, wall = ours["reuse"]["result"], ours["reuse"]["wall_s"]
     bare = ours["bare"]
@@ -404,7 +446,8 @@ def main() -> None:
     summary = {
         "setup": {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised, float32)", "device": "cpu",
                   "threads": args.threads, "questions": args.questions, "subjects": len(subjects),
-                  "shots": args.shots, "mode": args.mode, "chat_template": args.chat, "batch_size": args.batch_size},
+                  "shots": args.shots, "mode": args.mode, "chat_template": args.chat, "batch_size": args.batch_size,
+                  "options": args.options or "as given"},
         "ours": {"acc": result["acc"]["accuracy"], "wall_s": wall, "questions_per_s": args.questions / wall,
                  "score_s": result["scoring"]["seconds"], "peak_rss_mib": ours["peak_rss_mib"],
                  "scoring": result["scoring"]},
@@ -415,7 +458,7 @@ def main() -> None:
         summary["ours_no_prefix_cache"] = {"wall_s": ours["no_reuse"]["wall_s"],
                                            "score_s": ours["no_reuse"]["result"]["scoring"]["seconds"]}
     if not args.skip_lm_eval:
-        theirs = run_lm_eval(model_dir, args.work / f"tasks-{args.mode}-{args.shots}shot", task_names, args)
+        theirs = run_lm_eval(model_dir, tasks_dir, task_names, args)
         lm_wall = theirs["timing"]["simple_evaluate_s"]
         summary["lm_eval"] = {"timing": theirs["timing"], "questions_per_s": args.questions / lm_wall,
                               "peak_rss_mib": theirs["peak_rss_mib"]}

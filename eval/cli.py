@@ -1,6 +1,6 @@
-"""`alignlab eval mc`, `alignlab eval gen` and `alignlab judge`: the eval stage's suites on any model, from the
-command line. The work is the eval stage's engine (eval/stage.py); here arguments become its plans, and results
-become tables. Heavy imports happen when a command runs, so `alignlab --help` stays fast.
+"""`alignlab eval mc | gen | contamination`, `alignlab judge` and `alignlab arena`: the eval stage's suites on any
+model, from the command line. The work is the eval stage's engine (eval/stage.py); here arguments become its plans,
+and results become tables. Heavy imports happen when a command runs, so `alignlab --help` stays fast.
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ A model (M) is one of:
   RUN_DIR:STAGE          the model a stage of a run saved (its adapter, on the run's base model, dtype and
                          quantization), e.g. runs/sentiment/20250101-120000:sft; RUN_DIR:base is the run's
                          base model itself
+"""
+
+ARENA_HELP = """\
+Every pair of models that answered the same prompts in the runs' eval stages (their samples.jsonl) is judged on
+every shared (prompt, sample), in both orders (a flip is a tie); the number of judge calls is printed before they
+start, and with --cache a second run makes none. The outcomes are fitted with a Bradley-Terry model (Chatbot
+Arena's logistic regression; ties half a win each way) on an Elo-like scale with --baseline at 1000, with 95%
+intervals from a bootstrap over prompts and, with --style-control, ratings with answer length (and markdown)
+held equal. A model found in several runs is named RUN_ID:NAME after the first.
 """
 
 JUDGE_HELP = """\
@@ -53,6 +62,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="letter: score ' A'/' B'/...; cloze: score each answer's text (default: letter)")
     mc.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
     mc.add_argument("--batch-size", type=int, default=8)
+    mc.add_argument("--circular", action="store_true", help="CircularEval: also score every rotation of each "
+                    "question's options; a question counts only if all are right")
+
+    con = suites.add_parser("contamination", help="test-set contamination: does the model prefer the set's canonical "
+                            "order? (Oren et al. 2023, sharded test)", epilog=MODELS_HELP, formatter_class=fmt)
+    _model_args(con)
+    con.add_argument("--data", required=True, help="the test set: multiple-choice questions (as for `eval mc`), or "
+                     "any jsonl with --field")
+    con.add_argument("--field", help="score this string field of each jsonl row instead of MC questions")
+    con.add_argument("--limit", type=int, help="use the first N examples")
+    con.add_argument("--shards", type=int, default=10, help="contiguous shards of the canonical order (default: 10)")
+    con.add_argument("--permutations", type=int, default=20, help="random orders per shard (default: 20)")
+    con.add_argument("--seed", type=int, default=0)
+    con.add_argument("--batch-size", type=int, default=1)
 
     gen = suites.add_parser("gen", help="sample completions and score them: gold reward, reward model, KL, "
                             "length, distinct-n", epilog=MODELS_HELP, formatter_class=fmt)
@@ -64,21 +87,38 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      "reward_model directory")
     gen.add_argument("--reference", help="a model (M) to estimate KL(model || reference) against")
 
+    arena = sub.add_parser("arena", help="arena leaderboard: every pair of models judged on the same prompts, "
+                           "Bradley-Terry ratings with bootstrap intervals", description=ARENA_HELP,
+                           formatter_class=fmt)
+    arena.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                       help="run directories whose eval stage wrote samples.jsonl")
+    arena.add_argument("--models", nargs="+", metavar="NAME", help="only these models (default: every model found)")
+    arena.add_argument("--baseline", help="the model anchored at 1000 (default: the first model)")
+    arena.add_argument("--style-control", action="store_true",
+                       help="also fit ratings with answer length (and markdown counts) held equal")
+    arena.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of prompts (default: 1000)")
+    _judge_args(arena)
+    arena.add_argument("--output", type=Path, metavar="FILE", help="write the leaderboard to this JSON file")
+
     judge = sub.add_parser("judge", help="pairwise LLM-as-judge win rate of answers A against answers B",
                            description=JUDGE_HELP, formatter_class=fmt)
     judge.add_argument("--a", required=True, metavar="M_OR_SAMPLES", help="a model or a samples.jsonl file")
     judge.add_argument("--b", required=True, metavar="M_OR_SAMPLES", help="a model or a samples.jsonl file")
     _prompt_args(judge, required=False)
     judge.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    judge.add_argument("--judge", choices=["local", "http"], default="local",
-                       help="local: a causal LM read through its verdict-token probabilities; http: an "
-                       "OpenAI-compatible endpoint (default: local)")
-    judge.add_argument("--judge-model", help="local: the judge model, an alias or directory (default: "
-                       "smollm2-135m-instruct); http: the served model's name (required)")
-    judge.add_argument("--base-url", help="http: the endpoint, e.g. http://127.0.0.1:8000/v1")
-    judge.add_argument("--api-key-env", help="http: the NAME of the environment variable holding the API key")
-    judge.add_argument("--cache", help="an SQLite file caching verdicts across runs")
+    _judge_args(judge)
     judge.add_argument("--output", type=Path, metavar="FILE", help="write the win-rate metrics to this JSON file")
+
+
+def _judge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", choices=["local", "http"], default="local",
+                   help="local: a causal LM read through its verdict-token probabilities; http: an "
+                   "OpenAI-compatible endpoint (default: local)")
+    p.add_argument("--judge-model", help="local: the judge model, an alias or directory (default: "
+                   "smollm2-135m-instruct); http: the served model's name (required)")
+    p.add_argument("--base-url", help="http: the endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key-env", help="http: the NAME of the environment variable holding the API key")
+    p.add_argument("--cache", help="an SQLite file caching verdicts across runs")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -205,8 +245,12 @@ def generation_plan(args: argparse.Namespace, scorer=None, reward_model=None, re
 def run(args: argparse.Namespace) -> None:
     if args.command == "judge":
         judge_command(args)
+    elif args.command == "arena":
+        arena_command(args)
     elif args.suite == "mc":
         mc_command(args)
+    elif args.suite == "contamination":
+        contamination_command(args)
     else:
         gen_command(args)
 
@@ -219,7 +263,7 @@ def mc_command(args: argparse.Namespace) -> None:
     questions, dev = load_mc_questions(args.data, args.split, args.dev, args.dev_split, args.shots, args.subject,
                                        args.limit, "command line")
     sources = model_sources(args.models, args.dtype)
-    plan = MCPlan(questions, dev, args.shots, args.mode, args.chat_template, args.batch_size)
+    plan = MCPlan(questions, dev, args.shots, args.mode, args.chat_template, args.batch_size, args.circular)
     results = evaluate_models(ModelPool(sources), [s.name for s in sources], mc=plan)
     _finish(results, args, mc_table(results))
 
@@ -247,12 +291,37 @@ def gen_command(args: argparse.Namespace) -> None:
     _finish(results, args, gen_table(results, reference))
 
 
-def judge_command(args: argparse.Namespace) -> None:
-    from eval.stage import ModelPool, evaluate_models, judge_samples
+def contamination_command(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from eval.contamination import check_size, contamination_test, example_texts
+    from eval.stage import ModelPool
+
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        raise InputError(f"--limit and --batch-size must be >= 1, got {args.limit} and {args.batch_size}")
+    texts = example_texts(args.data, args.field)[:args.limit]
+    check_size(len(texts), args.shards, args.permutations, str(args.data))  # before any model loads
+    sources = model_sources(args.models, args.dtype)
+    pool = ModelPool(sources)
+    results = {}
+    for source in sources:
+        with pool.use(source.name) as (model, tokenizer):
+            results[source.name] = contamination_test(model, tokenizer, texts, args.shards, args.permutations,
+                                                      args.seed, args.batch_size, str(args.data))
+    pool.close()
+    Console().print(contamination_table(results))
+    if args.output:
+        from common.runs import atomic_write_json
+
+        atomic_write_json(args.output / "contamination.json", {"data": str(args.data), "models": results})
+
+
+def judge_config(args: argparse.Namespace, command: str):
+    """The judge of `alignlab judge` / `alignlab arena` from their --judge* flags."""
     from judge import judge_config_from_dict
 
     if args.judge == "http" and not (args.base_url and args.judge_model):
-        raise InputError("alignlab judge --judge http needs --base-url (an OpenAI-compatible endpoint, e.g. "
+        raise InputError(f"alignlab {command} --judge http needs --base-url (an OpenAI-compatible endpoint, e.g. "
                          "http://127.0.0.1:8000/v1) and --judge-model (the served model's name)")
     block: dict[str, Any] = {"backend": args.judge, "cache": args.cache}
     if args.judge == "http":
@@ -264,8 +333,60 @@ def judge_command(args: argparse.Namespace) -> None:
         try:  # now, not after the answers are sampled
             check_model_base(block["local"]["model"])
         except InputError as e:
-            raise InputError(f"alignlab judge --judge-model: {e}") from None
-    config = judge_config_from_dict(block, "judge")
+            raise InputError(f"alignlab {command} --judge-model: {e}") from None
+    return judge_config_from_dict(block, "judge")
+
+
+def arena_command(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from eval.stage import run_arena
+
+    samples: dict[str, list[dict]] = {}
+    for run_dir in args.runs:
+        for name, rows in run_samples(run_dir).items():
+            key = name if name not in samples else f"{run_dir.name}:{name}"
+            samples[key] = rows
+    if args.models:
+        missing = [m for m in args.models if m not in samples]
+        if missing:
+            raise InputError(f"--models: {', '.join(missing)} not found in the runs (found: {', '.join(samples)})")
+        samples = {m: samples[m] for m in args.models}
+    if len(samples) < 2:
+        raise InputError(f"alignlab arena: an arena needs at least 2 models, found {len(samples)} "
+                         f"({', '.join(samples) or 'none'}) in {', '.join(map(str, args.runs))}; give runs whose "
+                         "eval stage sampled two or more models")
+    baseline = args.baseline or next(iter(samples))
+    if baseline not in samples:
+        raise InputError(f"--baseline {baseline}: not among the models ({', '.join(samples)})")
+    if args.bootstrap < 1:
+        raise InputError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    board = run_arena(judge_config(args, "arena"), samples, baseline, style_control=args.style_control,
+                      n_resamples=args.bootstrap)
+    Console().print(arena_table(board))
+    if args.output:
+        from common.runs import atomic_write_json
+
+        atomic_write_json(args.output, board)
+
+
+def run_samples(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every model's samples.jsonl that a run's eval stages wrote, by model name."""
+    if not (run_dir / "manifest.json").is_file():
+        raise InputError(f"{run_dir}: not a run directory (no manifest.json); give runs/<recipe>/<run-id> folders")
+    found = {}
+    for results in sorted(run_dir.glob("*/results.json")):
+        for name in json.loads(results.read_text()).get("models", {}):
+            path = results.parent / name / "samples.jsonl"
+            if path.is_file():
+                found[name] = read_samples(path)
+    return found
+
+
+def judge_command(args: argparse.Namespace) -> None:
+    from eval.stage import ModelPool, evaluate_models, judge_samples
+
+    config = judge_config(args, "judge")
 
     sides = {}
     models = [spec for spec in (args.a, args.b) if not _is_samples_file(spec)]
@@ -369,6 +490,34 @@ def mc_table(results: dict):
         table.add_row(name, f"{acc['accuracy']:.3f} ± {acc['stderr']:.3f}",
                       f"{norm['accuracy']:.3f}" if norm else "-", str(r.mc["n_questions"]),
                       f"{r.mc['metrics'].get('mc/ece', float('nan')):.3f}")
+    return table
+
+
+def contamination_table(results: dict):
+    from rich.table import Table
+
+    table = Table(title="contamination (Oren et al. 2023): canonical order vs random orders")
+    for col in ("model", "p-value", "test", "mean log-prob gap", "examples", "shards x permutations"):
+        table.add_column(col)
+    for name, r in results.items():
+        table.add_row(name, f"{r['p_value']:.4g}", r["test"], f"{r['mean_logprob_gap']:+.3f}", str(r["n_examples"]),
+                      f"{r['shards']} x {r['permutations']}")
+    return table
+
+
+def arena_table(board: dict):
+    from rich.table import Table
+
+    from eval.report import arena_table as leaderboard_rows
+
+    header, rows = leaderboard_rows(board)
+    table = Table(title=f"arena: {board['n_battles']} battles on {board['n_prompts']} prompts, {board['baseline']} "
+                  f"= {board['anchor']:.0f}; {board['judge_calls']} judge calls in {board['judge_seconds']:.1f} s",
+                  caption=board["note"] or None)
+    for col in header:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

@@ -47,6 +47,7 @@ class RunData:
     metrics: dict[str, list[dict]]  # stage name -> metrics.jsonl rows
     results: dict[str, dict] = field(default_factory=dict)  # model -> eval entry
     samples: dict[str, list[dict]] = field(default_factory=dict)  # model -> samples.jsonl rows
+    arena: dict | None = None  # the eval stage's arena.json (judge.arena.leaderboard)
 
     @property
     def label(self) -> str:
@@ -67,6 +68,8 @@ def read_run(root: Path) -> RunData:
         results = root / name / "results.json"
         if done.get("kind") == "eval" and results.is_file():
             run.results.update(json.loads(results.read_text())["models"])
+            if (root / name / "arena.json").is_file():
+                run.arena = json.loads((root / name / "arena.json").read_text())
             for model in run.results:
                 path = root / name / model / "samples.jsonl"
                 if path.is_file():
@@ -200,6 +203,40 @@ def frontier_plot(runs: list[RunData]) -> bytes | None:
     return png(fig)
 
 
+def arena_table(board: dict) -> tuple[list[str], list[list[str]]]:
+    """The leaderboard: rating [CI] (and style-controlled rating [CI]) and the record, best first."""
+    style = any("style_rating" in row for row in board["models"])
+    header = ["model", "rating [95% CI]", *(["style-controlled [95% CI]"] if style else []), "wins / ties / losses"]
+    rows = []
+    for r in board["models"]:
+        cells = [f"{r['rating']:.0f} [{r['ci'][0]:.0f}, {r['ci'][1]:.0f}]"]
+        if style:
+            cells.append(f"{r['style_rating']:.0f} [{r['style_ci'][0]:.0f}, {r['style_ci'][1]:.0f}]")
+        rows.append([r["model"], *cells, f"{r['wins']} / {r['ties']} / {r['losses']}"])
+    return header, rows
+
+
+def arena_plot(board: dict) -> bytes:
+    """Ratings with their intervals, one row per model (raw, and style-controlled beside it when fitted)."""
+    rows = board["models"][::-1]  # best on top
+    fig, ax = plt.subplots(figsize=(5.2, 0.5 * len(rows) + 1.2))
+    ys = range(len(rows))
+    for key, ci, offset, label in (("rating", "ci", 0.0, "raw"),
+                                   ("style_rating", "style_ci", -0.25, "style-controlled")):
+        if key not in rows[0]:
+            continue
+        xs = [r[key] for r in rows]
+        err = [[x - r[ci][0] for x, r in zip(xs, rows, strict=True)],
+               [r[ci][1] - x for x, r in zip(xs, rows, strict=True)]]
+        ax.errorbar(xs, [y + offset for y in ys], xerr=err, fmt="o", capsize=3, label=label)
+    ax.set_yticks(list(ys), [r["model"] for r in rows], fontsize=8)
+    ax.axvline(board["anchor"], color="#999", lw=0.8, ls="--")
+    ax.set_xlabel(f"rating ({board['baseline']} = {board['anchor']:.0f}; 95% bootstrap CI)")
+    ax.set_title(f"arena: {board['n_battles']} battles, {board['n_prompts']} prompts", fontsize=10)
+    ax.legend(fontsize=7)
+    return png(fig)
+
+
 # --- rendering ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -209,6 +246,7 @@ class Report:
     table: tuple[list[str], list[list[str]]]
     plots: list[tuple[str, bytes]]  # (caption, png)
     samples: list[tuple[str, dict[str, str]]]  # (prompt, model -> completion)
+    arena: list[tuple[str, tuple[list[str], list[list[str]]], str]] = field(default_factory=list)  # (run, table, note)
 
 
 def build_report(run_dirs: list[Path]) -> Report:
@@ -224,13 +262,15 @@ def build_report(run_dirs: list[Path]) -> Report:
     frontier = frontier_plot(runs)
     if frontier:
         plots.insert(0, ("reward–KL frontier", frontier))
+    arenas = [(run.label, arena_table(run.arena), run.arena["note"]) for run in runs if run.arena]
+    plots += [(f"arena ratings: {run.label}", arena_plot(run.arena)) for run in runs if run.arena]
     first = runs[0]
     prompts = list(dict.fromkeys(s["prompt"] for rows in first.samples.values() for s in rows))[:SAMPLES_SHOWN]
     samples = [(p, {m: next((s["completion"] for s in rows if s["prompt"] == p), "")
                     for m, rows in first.samples.items()}) for p in prompts]
     names = sorted({run.root.parent.name for run in runs})
     return Report(title=f"alignlab report: {', '.join(names)}", runs=runs, table=results_table(runs),
-                  plots=plots, samples=samples)
+                  plots=plots, samples=samples, arena=arenas)
 
 
 def to_markdown(report: Report, image_dir: Path) -> str:
@@ -242,6 +282,9 @@ def to_markdown(report: Report, image_dir: Path) -> str:
     else:
         lines.append("No eval stage has finished in these runs.")
     lines.append("")
+    for label, (arena_header, arena_rows), note in report.arena:
+        lines += [f"## Arena: {label}", "", "| " + " | ".join(arena_header) + " |", "|" + "---|" * len(arena_header)]
+        lines += ["| " + " | ".join(r) + " |" for r in arena_rows] + (["", note] if note else []) + [""]
     image_dir.mkdir(parents=True, exist_ok=True)
     for i, (caption, image) in enumerate(report.plots):
         path = image_dir / f"plot-{i}.png"
@@ -273,6 +316,11 @@ def to_html(report: Report) -> str:
                      "mean over runs and their range.</p>")
     else:
         parts.append("<p>No eval stage has finished in these runs.</p>")
+    for label, (arena_header, arena_rows), note in report.arena:
+        parts.append(f"<h2>Arena: {esc(label)}</h2><table class='results'><tr>"
+                     + "".join(f"<th>{esc(h)}</th>" for h in arena_header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in arena_rows]
+        parts.append("</table>" + (f"<p class='note'>{esc(note)}</p>" if note else ""))
     for caption, image in report.plots:
         data = base64.b64encode(image).decode()
         parts.append(f"<figure><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>"

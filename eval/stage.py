@@ -12,8 +12,11 @@ eval:
     scorer: vader                 # a gold scorer (preferences.scorers); null = none
     reward_model: rm              # a reward_model stage scores every completion too; null = none
     reference: sft                # KL(model || reference) from the samples; null = none
-  mc: {data: {path: ../../data/mc}, shots: 0, mode: letter, chat_template: false}
+  mc: {data: {path: ../../data/mc}, shots: 0, mode: letter, chat_template: false,
+       circular: false,             # CircularEval: right only if right under every rotation of the options
+       contamination: null}         # {shards: 10, permutations: 20}: Oren et al.'s test on these questions
   judge: {baseline: sft}          # + any judge key (judge.config); the local judge is the base model
+  arena: {baseline: base, style_control: true, bootstrap: 1000, cache: judge.sqlite}  # + any judge key
 ```
 
 Outputs (the report reads these names):
@@ -21,6 +24,7 @@ Outputs (the report reads these names):
   NAME/results.json     that model's entry
   NAME/samples.jsonl    its completions with their prompts and scores (eval.generation.sample_rows)
   metrics.jsonl         flat `eval/NAME/...` scalars
+  arena.json            with an arena block: the leaderboard (judge.arena.leaderboard) and the judge calls made
 
 Models are held as the design says: one base model in memory, every stage's adapter loaded onto it as a named peft
 adapter, `base` being the same model with adapters disabled (`ModelPool`). The engine (`evaluate_models`) is
@@ -88,6 +92,8 @@ class MCBlock:
     mode: Literal["letter", "cloze"] = "letter"
     chat_template: bool = False
     batch_size: int = 8
+    circular: bool = False  # CircularEval: also score every rotation of the options (eval.mc.results.rotations)
+    contamination: ContaminationBlock | None = None  # Oren et al.'s test on these questions; null = none
 
 
 @dataclass
@@ -104,11 +110,29 @@ class GenerationBlock:
 
 
 @dataclass
+class ContaminationBlock:
+    """Oren et al. 2023's sharded permutation test (eval.contamination) on the MC questions."""
+
+    shards: int = 10
+    permutations: int = 20
+    seed: int = 0
+
+
+@dataclass
 class EvalJudge(JudgeConfig):
     """A judge block (judge.config: backend, local / http, templates, cache, ...) plus the model every other model
     is compared with. A local judge without a model is the recipe's base model."""
 
     baseline: str = field(kw_only=True)
+
+
+@dataclass
+class EvalArena(EvalJudge):
+    """An arena of all `models` (judge.arena): a judge block whose baseline is the model anchored at 1000, plus
+    `style_control` (answer length and markdown as regression features) and `bootstrap` (resamples of prompts)."""
+
+    style_control: bool = field(default=False, kw_only=True)
+    bootstrap: int = field(default=1000, kw_only=True)
 
 
 @dataclass
@@ -132,6 +156,7 @@ class EvalStage(StageConfig):
     generation: GenerationBlock | None = None
     mc: MCBlock | None = None
     judge: EvalJudge | None = None
+    arena: EvalArena | None = None  # writes arena.json
 
     def references(self) -> list[str]:
         refs = self.group_references()
@@ -161,10 +186,13 @@ class EvalStage(StageConfig):
         if self.mc is not None:
             mc_plan(self.mc, recipe, f"{where}.mc", check_only=True)
         self.check_best_of(recipe, where, names)
+        for block in ("judge", "arena"):
+            if getattr(self, block) is not None and self.generation is None:
+                raise InputError(f"recipe: {where}.{block} compares generated answers; add a generation block")
         if self.judge is not None:
-            if self.generation is None:
-                raise InputError(f"recipe: {where}.judge compares generated answers; add a generation block")
             judge_plan(self.judge, recipe, f"{where}.judge", names)
+        if self.arena is not None:
+            arena_plan(self.arena, recipe, f"{where}.arena", names)
 
     def check_best_of(self, recipe: Recipe, where: str, names: list[str]) -> None:
         for i, b in enumerate(self.best_of):
@@ -241,12 +269,21 @@ class MCPlan:
     mode: str = "letter"
     chat_template: bool = False
     batch_size: int = 8
+    circular: bool = False
+    contamination: ContaminationBlock | None = None
 
 
 @dataclass
 class JudgePlan:
     config: JudgeConfig
     baseline: str
+
+
+@dataclass
+class ArenaPlan:
+    judge: JudgePlan
+    style_control: bool = False
+    bootstrap: int = 1000
 
 
 def load_prompts(spec: DataSpec, recipe: Recipe, where: str, stage_dir: Path | None = None) -> list[Prompt]:
@@ -326,7 +363,13 @@ def mc_plan(block: MCBlock, recipe: Recipe, where: str, check_only: bool = False
     dev_source = str(recipe.resolve_path(spec.dev_path)) if spec.dev_path else None
     questions, dev = load_mc_questions(source, spec.split, dev_source, spec.dev_split, block.shots, spec.subject,
                                        spec.limit, f"recipe: {where}")
-    return MCPlan(questions, dev, block.shots, block.mode, block.chat_template, block.batch_size)
+    if block.contamination is not None:
+        from eval.contamination import check_size
+
+        check_size(len(questions), block.contamination.shards, block.contamination.permutations,
+                   f"recipe: {where}.contamination")
+    return MCPlan(questions, dev, block.shots, block.mode, block.chat_template, block.batch_size, block.circular,
+                  block.contamination)
 
 
 def judge_plan(block: EvalJudge, recipe: Recipe, where: str, names: Sequence[str]) -> JudgePlan:
@@ -339,6 +382,16 @@ def judge_plan(block: EvalJudge, recipe: Recipe, where: str, names: Sequence[str
     if config.backend == "local" and config.local.model is None:
         config = dataclasses.replace(config, local=dataclasses.replace(config.local, model=recipe.model.base))
     return JudgePlan(config, block.baseline)
+
+
+def arena_plan(block: EvalArena, recipe: Recipe, where: str, names: Sequence[str]) -> ArenaPlan:
+    """The arena block: `judge_plan`'s judge (its baseline the model anchored at 1000), style control, bootstrap."""
+    if len(names) < 2:
+        raise InputError(f"recipe: {where}: an arena needs at least 2 models, models has {len(names)} "
+                         f"({', '.join(names)}); add models or remove the arena block")
+    if block.bootstrap < 1:
+        raise InputError(f"recipe: {where}.bootstrap must be >= 1, got {block.bootstrap}")
+    return ArenaPlan(judge_plan(block, recipe, where, names), block.style_control, block.bootstrap)
 
 
 # --- models ------------------------------------------------------------------------------------------
@@ -455,6 +508,7 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
     Under a launch of several processes (`shard=(index, count)`, every process calls) the sampling and the KL passes
     are split between the processes, which exchange what they computed; the main process (index 0) then answers
     the MC questions, scores, judges and returns the results, the others return empty entries."""
+    from eval.contamination import contamination_test, mc_example_texts
     from eval.mc import evaluate_mc
 
     main = shard[0] == 0
@@ -470,7 +524,11 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
                 vocabularies[name] = tokenizer.get_vocab()
             if mc is not None and main:
                 results[name].mc = evaluate_mc(model, tokenizer, mc.questions, mc.dev, shots=mc.shots, mode=mc.mode,
-                                               chat_template=mc.chat_template, batch_size=mc.batch_size)
+                                               chat_template=mc.chat_template, batch_size=mc.batch_size,
+                                               circular=mc.circular)
+                if mc.contamination is not None:
+                    results[name].mc["contamination"] = contamination_test(
+                        model, tokenizer, mc_example_texts(mc.questions), **dataclasses.asdict(mc.contamination))
     if gen is None:
         pool.close()
         return results
@@ -552,17 +610,18 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
     return results
 
 
+def sample_key(row: dict) -> str:
+    """What pairs two models' answers: the same prompt and sample number."""
+    return json.dumps([row["prompt"], row.get("sample", 0)], sort_keys=True)
+
+
 def judge_samples(config: JudgeConfig, rows_a: Sequence[dict], rows_b: Sequence[dict], vs: str) -> dict[str, Any]:
     """Pairwise win rate of answers a against answers b (samples.jsonl rows), paired by prompt and sample number;
     the judge entry of results.json."""
-
-    def key(row: dict) -> str:
-        return json.dumps([row["prompt"], row.get("sample", 0)], sort_keys=True)
-
-    by_key = {key(row): row for row in rows_b}
+    by_key = {sample_key(row): row for row in rows_b}
     pairs = []
     for row in rows_a:
-        other = by_key.get(key(row))
+        other = by_key.get(sample_key(row))
         if other is not None:
             pairs.append(Pair(scorer_text(row["prompt"]), row["completion"], other["completion"],
                               gold_a=(row.get("scores") or {}).get("gold"),
@@ -570,14 +629,7 @@ def judge_samples(config: JudgeConfig, rows_a: Sequence[dict], rows_b: Sequence[
     if not pairs:
         raise InputError("judge: the two sets of answers share no (prompt, sample) pair; compare answers to the "
                          "same prompts")
-    if config.backend == "local":
-        from common.models import resolve_model
-
-        local = config.local
-        config = dataclasses.replace(config, local=dataclasses.replace(
-            local, model=str(resolve_model(local.model).path),
-            device=local.device or ("cuda" if torch.cuda.is_available() else None)))
-    _, m = evaluate_pairs(config, pairs)
+    _, m = evaluate_pairs(local_judge_on_device(config), pairs)
 
     def rate(key: str) -> float | None:  # NaN (no parseable or no decisive pair) is not JSON: null
         value = m.get(key)
@@ -593,8 +645,82 @@ def judge_samples(config: JudgeConfig, rows_a: Sequence[dict], rows_b: Sequence[
     }
 
 
+def arena_pairs(samples: dict[str, Sequence[dict]]) -> list[tuple[str, str, Any]]:
+    """(model a, model b, judge Pair) for every unordered pair of models and every (prompt, sample) both answered."""
+    names = list(samples)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            by_key = {sample_key(row): row for row in samples[b]}
+            for row in samples[a]:
+                other = by_key.get(sample_key(row))
+                if other is not None:
+                    out.append((a, b, Pair(scorer_text(row["prompt"]), row["completion"], other["completion"])))
+    return out
+
+
+class AnnouncingJudge:
+    """A judge that says how many calls it is about to make before it makes them: the judge protocol hands its
+    backend, in one `ask`, exactly the queries the cache does not hold."""
+
+    def __init__(self, judge: Any):
+        self.judge, self.judge_id, self.calls = judge, judge.judge_id, 0
+
+    def ask(self, queries, labels, on_result=None):
+        print(f"judge calls: {len(queries)} (not in the cache)", flush=True)
+        self.calls += len(queries)
+        return self.judge.ask(queries, labels, on_result=on_result)
+
+
+def run_arena(config: Any, samples: dict[str, Sequence[dict]], baseline: str, style_control: bool = False,
+              n_resamples: int = 1000) -> dict[str, Any]:
+    """Judge every pair of models on their shared (prompt, sample)s, both orders, and fit the leaderboard
+    (judge.arena). `samples`: model name -> samples.jsonl rows."""
+    from judge import build_judge, build_templates, judge_pairs, open_cache
+    from judge.arena import Battle, leaderboard
+
+    pairs = arena_pairs(samples)
+    if not pairs:
+        raise InputError(f"arena: the models ({', '.join(samples)}) share no (prompt, sample); compare answers to "
+                         "the same prompts")
+    print(f"arena: {len(samples)} models, {len(pairs)} pairs of answers, {2 * len(pairs)} judgements (both orders)",
+          flush=True)
+    config = local_judge_on_device(config)
+    judge = AnnouncingJudge(build_judge(config))
+    cache = open_cache(config)
+    started = time.perf_counter()
+    try:
+        verdicts = judge_pairs(judge, [p for _, _, p in pairs], template=build_templates(config)["pairwise"],
+                               cache=cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    if judge.calls == 0:
+        print("judge calls: 0 (every judgement was in the cache)", flush=True)
+    # An unparseable verdict is no battle; a position-inconsistent one is already a tie.
+    battles = [Battle(p.prompt, a, b, v.winner, p.answer_a, p.answer_b)
+               for (a, b, p), v in zip(pairs, verdicts, strict=True) if v.winner is not None]
+    board = leaderboard(battles, baseline, style_control=style_control, n_resamples=n_resamples,
+                        seed=getattr(config, "seed", 0))
+    return board | {"judge_calls": judge.calls, "judge_seconds": round(time.perf_counter() - started, 3),
+                    "unparseable": len(pairs) - len(battles)}
+
+
+def local_judge_on_device(config: Any) -> Any:
+    """A local judge resolved to its model directory and on the GPU when there is one."""
+    if config.backend != "local":
+        return config
+    from common.models import resolve_model
+
+    local = config.local
+    return dataclasses.replace(config, local=dataclasses.replace(
+        local, model=str(resolve_model(local.model).path),
+        device=local.device or ("cuda" if torch.cuda.is_available() else None)))
+
+
 # The numbers done.json (and the run's summary table) carry; metrics.jsonl has every scalar.
-HEADLINE = ("gold_reward", "gold_reward_vs_ref", "rm_reward", "kl_to_ref", "mc_acc", "judge_win_rate")
+ARENA_FILE = "arena.json"
+HEADLINE = ("gold_reward", "gold_reward_vs_ref", "rm_reward", "kl_to_ref", "mc_acc", "judge_win_rate", "arena_rating")
 
 
 def flat_metrics(results: dict[str, ModelResult]) -> dict[str, float]:
@@ -610,6 +736,10 @@ def flat_metrics(results: dict[str, ModelResult]) -> dict[str, float]:
                 out[f"eval/{name}/{key}"] = value
         if r.mc is not None:
             out[f"eval/{name}/mc_acc"] = r.mc["metrics"]["mc/acc"]
+            if "circular" in r.mc:
+                out[f"eval/{name}/mc_circular_acc"] = r.mc["circular"]["accuracy"]
+            if "contamination" in r.mc:
+                out[f"eval/{name}/contamination_p"] = r.mc["contamination"]["p_value"]
         if r.judge is not None and r.judge["win_rate"] is not None:
             out[f"eval/{name}/judge_win_rate"] = r.judge["win_rate"]
     return out
@@ -646,6 +776,7 @@ def train(cfg: EvalStage, ctx: StageContext) -> StageResult:
     gen = generation_plan(cfg.generation, recipe, f"{where}.generation", ctx) if cfg.generation else None
     mc = mc_plan(cfg.mc, recipe, f"{where}.mc") if cfg.mc else None
     judge = judge_plan(cfg.judge, recipe, f"{where}.judge", names) if cfg.judge is not None else None
+    arena = arena_plan(cfg.arena, recipe, f"{where}.arena", names) if cfg.arena is not None else None
 
     best_of = [BestOfPlan(b.model_name, b.policy, b.n, None if b.reward == GOLD else RewardModelSource(
         ctx.input_path(b.reward, "reward_model"), recipe.model)) for b in cfg.best_of]
@@ -658,7 +789,13 @@ def train(cfg: EvalStage, ctx: StageContext) -> StageResult:
     results = evaluate_models(ModelPool(sources), names, gen, mc, judge, best_of, shard_of(PartialState()))
     if not ctx.is_main:
         return StageResult()  # it sampled its share; the main process scores, judges and writes
+    if arena is not None:
+        board = run_arena(arena.judge.config, {name: r.samples for name, r in results.items()},
+                          arena.judge.baseline, arena.style_control, arena.bootstrap)
+        atomic_write_text(ctx.dir / ARENA_FILE, json.dumps(board, indent=2) + "\n")
     metrics = flat_metrics(results) | {"time/eval": time.perf_counter() - started}
+    if arena is not None:
+        metrics |= {f"eval/{row['model']}/arena_rating": row["rating"] for row in board["models"]}
     write_results(ctx.dir, results, to_dict(cfg) | {"models": names, "seed": recipe.seed})
     tracker = Tracker(ctx.dir, recipe.report_to, f"{recipe.name}/{ctx.name}", ctx.is_main, to_dict(cfg))
     tracker.log(metrics, step=0)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", type=Path, nargs="+", help="run directories (runs/<recipe>/<run-id>)")
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
 
-    eval_cli.add_parsers(sub)  # eval mc | eval gen | judge
+    eval_cli.add_parsers(sub)  # eval mc | gen | contamination, judge, arena
 
     validate = sub.add_parser("validate", help="load and check a recipe without running it")
     validate.add_argument("recipe", type=Path)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
             html_path, md_path = write_report(args.runs, args.output)
             print(f"report: {html_path} (Markdown: {md_path})")
-        elif args.command in ("eval", "judge"):
+        elif args.command in ("eval", "judge", "arena"):
             eval_cli.run(args)
         elif args.command == "run":
             runner.run_recipe(args.recipe, runner.RunOptions(

@@ -5,6 +5,7 @@ Layout:
     acc:       {accuracy, stderr, n, macro_accuracy, macro_stderr, n_subjects, per_subject{s: {accuracy, stderr, n}}}
     acc_norm:  the same, choosing argmax(loglik / len(answer text in characters))  (cloze mode; lm-eval's acc_norm)
     acc_bytes: the same with the length in UTF-8 bytes                              (cloze mode; lm-eval's acc_bytes)
+    circular:  with CircularEval, the accuracy block of "right under every rotation of the options"
     letters:   predicted-letter histogram, gold-letter shares, chance level, majority baseline
     calibration: ece, mce, brier, reliability bins, from the softmax over each question's choices
     metrics:   flat namespaced scalars for metrics.jsonl and the report ("mc/acc", "mc/ece", ...)
@@ -40,8 +41,31 @@ def predictions(logprobs: Sequence[Sequence[float]], lengths: Sequence[Sequence[
             for lp, n in zip(logprobs, lengths, strict=True)]
 
 
+def rotations(q: MCQuestion) -> list[MCQuestion]:
+    """CircularEval (Liu et al. 2023, "MMBench", sec. 3.2; OpenCompass): the question with its options shifted
+    circularly by 0, 1, ..., N-1 places, the answer following its option. Rotation 0 is the question itself."""
+    n = len(q.choices)
+    return [MCQuestion(q.question, q.choices[r:] + q.choices[:r], (q.answer - r) % n, q.subject) for r in range(n)]
+
+
+def circular_correct(questions: Sequence[MCQuestion], logprobs: Sequence[Sequence[float]]) -> list[bool]:
+    """Per question, whether every rotation's argmax is its answer; `logprobs` holds the rows of all rotations of
+    the first question, then of the second, ... (as `rotations` lists them)."""
+    out, k = [], 0
+    for q in questions:
+        rotated = rotations(q)
+        preds = predictions(logprobs[k:k + len(rotated)])
+        out.append(all(p == r.answer for p, r in zip(preds, rotated, strict=True)))
+        k += len(rotated)
+    if k != len(logprobs):
+        raise ValueError(f"{len(logprobs)} rows of log-probs for {k} rotations")
+    return out
+
+
 def aggregate(questions: Sequence[MCQuestion], logprobs: Sequence[Sequence[float]], mode: str = "letter",
-              shots: int = 0, chat_template: bool = False, n_bins: int = 10, include_records: bool = True) -> dict:
+              shots: int = 0, chat_template: bool = False, n_bins: int = 10, include_records: bool = True,
+              circular: Sequence[bool] | None = None) -> dict:
+    """The metrics dict (module docstring); `circular`, when given, is `circular_correct` per question."""
     if len(questions) != len(logprobs):
         raise ValueError(f"{len(questions)} questions but {len(logprobs)} rows of log-probs")
     for i, (q, lp) in enumerate(zip(questions, logprobs, strict=True)):
@@ -68,6 +92,9 @@ def aggregate(questions: Sequence[MCQuestion], logprobs: Sequence[Sequence[float
                                               subjects=subjects)
         result["acc_bytes"] = accuracy.compute(predictions=predictions(logprobs, utf8), references=golds,
                                                subjects=subjects)
+    if circular is not None:
+        result["circular"] = accuracy.compute(predictions=[int(c) for c in circular], references=[1] * len(circular),
+                                              subjects=subjects)
     result["letters"] = load_metric("mc_answer_distribution").compute(
         predictions=preds, references=golds, n_choices=[len(q.choices) for q in questions])
     probs = [softmax_over_choices(lp) for lp in logprobs]
@@ -83,7 +110,7 @@ def aggregate(questions: Sequence[MCQuestion], logprobs: Sequence[Sequence[float
 def flat_metrics(result: dict) -> dict[str, float | None]:
     """Scalars under stable namespaced names, the same in metrics.jsonl, the stage summary and the report."""
     out: dict[str, float | None] = {}
-    for key in ("acc", "acc_norm", "acc_bytes"):
+    for key in ("acc", "acc_norm", "acc_bytes", "circular"):
         if key not in result:
             continue
         block = result[key]

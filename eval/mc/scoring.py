@@ -27,6 +27,7 @@ benchmarks compare the fast scorer against it.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -408,28 +409,35 @@ def reference_logprobs(model, tokenizer, prompts: Sequence[MCPrompt]) -> list[li
 def evaluate_mc(model, tokenizer, questions: Sequence[MCQuestion], dev_questions: Sequence[MCQuestion] | None = None,
                 shots: int = 0, mode: str = "letter", chat_template: bool = False, batch_size: int = 8,
                 progress: bool = True, reuse_prefix: bool = True, n_bins: int = 10,
-                include_records: bool = True, fewshot_as_multiturn: bool = True) -> dict:
+                include_records: bool = True, fewshot_as_multiturn: bool = True, circular: bool = False) -> dict:
     """Score `questions` and return the metrics as a JSON-serialisable dict (see `eval.mc.results`).
 
     `mode` "letter" scores " A"/" B"/... after lm-eval's MMLU prompt; "cloze" scores each answer text
     (acc and length-normalised acc_norm). `chat_template=True` wraps the prompt in the tokenizer's chat
     template (instruct models), the examples as user/assistant turns unless `fewshot_as_multiturn=False`.
     `shots` examples come from `dev_questions`, first k of each subject. `reuse_prefix=False` turns off the
-    shared-prefix KV cache (same scores, slower; for checks). `n_bins`: calibration bins.
+    shared-prefix KV cache (same scores, slower; for checks). `n_bins`: calibration bins. `circular` also scores
+    every rotation of each question's options (CircularEval, `eval.mc.results.rotations`) and reports `circular`,
+    the share of questions answered right under all of them; the other metrics are those of the unrotated questions.
     """
-    from eval.mc.results import aggregate
+    from eval.mc.results import aggregate, circular_correct, rotations
 
     if not questions:
         raise InputError("mc questions: the question list is empty; check the data source and split")
     t0 = time.perf_counter()
-    prompts = build_prompts(questions, dev_questions, shots, mode, chat_template, tokenizer, fewshot_as_multiturn)
+    scored = [r for q in questions for r in rotations(q)] if circular else list(questions)
+    prompts = build_prompts(scored, dev_questions, shots, mode, chat_template, tokenizer, fewshot_as_multiturn)
     t_prompt = time.perf_counter() - t0
     stats = ScoreStats()
-    logprobs = score_prompts(model, tokenizer, prompts, [q.subject for q in questions], batch_size=batch_size,
+    logprobs = score_prompts(model, tokenizer, prompts, [q.subject for q in scored], batch_size=batch_size,
                              reuse_prefix=reuse_prefix, progress=progress, stats=stats)
     total = time.perf_counter() - t0
+    correct = circular_correct(questions, logprobs) if circular else None
+    if circular:  # rotation 0 of each question is the question as given
+        starts = itertools.accumulate([len(q.choices) for q in questions[:-1]], initial=0)
+        logprobs = [logprobs[k] for k in starts]
     result = aggregate(questions, logprobs, mode=mode, shots=shots, chat_template=chat_template, n_bins=n_bins,
-                       include_records=include_records)
+                       include_records=include_records, circular=correct)
     result["scoring"] = stats.as_dict()
     result["scoring"]["batch_size"] = batch_size
     result["time"] = {"prompts_s": round(t_prompt, 4), "total_s": round(total, 4)}

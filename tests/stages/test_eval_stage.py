@@ -110,6 +110,10 @@ def bad(case: str, eval_recipe) -> tuple:
         prompts[1] = {"text": "no prompt here"}
     elif case == "bad scorer":
         changes["generation"] = {**EVAL["generation"], "scorer": "vadr"}
+    elif case == "arena of one model":
+        changes |= {"models": ["sft"], "judge": None, "arena": {"baseline": "sft"}}
+    elif case == "too many contamination shards":
+        changes["mc"] = {"data": {"path": "mc.jsonl"}, "contamination": {"shards": 2}}
     elif case == "eval of an eval":
         overrides = ["stages.eval2={kind: eval, models: [eval], mc: {data: {path: mc.jsonl}}}"]
     return eval_recipe(questions=questions, prompts=prompts, **changes), overrides
@@ -126,6 +130,8 @@ CASES = {
     "prompt missing": "prompts.jsonl: row 2, field 'prompt' is missing",
     "bad scorer": "stages.eval.generation.scorer",
     "eval of an eval": "stages.eval2.models: 'eval' is an eval stage, which trains no model",
+    "arena of one model": "stages.eval.arena: an arena needs at least 2 models, models has 1 (sft)",
+    "too many contamination shards": "stages.eval.mc.contamination: 3 examples cannot fill 2 shards of at least 2",
 }
 
 
@@ -144,3 +150,20 @@ def test_a_swept_stage_in_models_stands_for_all_its_members(eval_recipe):
     members = ["sft-warmup_steps0", "sft-warmup_steps1"]
     assert recipe.stages["eval"].model_names(recipe, "stages.eval") == ["base", *members]
     assert recipe.order() == [*members, "eval"], "the eval runs after every member"
+
+
+def test_eval_stage_with_an_arena_circular_eval_and_a_contamination_test(eval_recipe, tmp_path, capsys):
+    path = eval_recipe(mc={"data": {"path": "mc.jsonl"}, "circular": True,
+                           "contamination": {"shards": 1, "permutations": 3}},
+                       judge=None, arena={"baseline": "base", "local": {"batch_size": 4}, "bootstrap": 20})
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    # One pair of models x 3 prompts x 2 samples, each pair of answers judged in both orders.
+    assert "arena: 2 models, 6 pairs of answers, 12 judgements (both orders)" in out
+    assert "judge calls: 12 (not in the cache)" in out
+    ev = next((tmp_path / "runs").glob("*/*/eval"))
+    board = json.loads((ev / "arena.json").read_text())
+    assert board["baseline"] == "base" and {r["model"] for r in board["models"]} == {"base", "sft"}
+    mc = json.loads((ev / "sft" / "results.json").read_text())["mc"]
+    assert mc["circular"]["n"] == 3 and mc["circular"]["accuracy"] <= mc["acc"]["accuracy"]
+    assert mc["contamination"]["test"] == "permutation" and mc["contamination"]["n_examples"] == 3

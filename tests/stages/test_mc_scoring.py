@@ -218,3 +218,32 @@ def test_evaluate_mc_bad_input(tiny):
         evaluate_mc(model, tok, QUESTIONS, mode="generate", progress=False)
     with pytest.raises(InputError, match="empty"):
         evaluate_mc(model, tok, [], progress=False)
+
+
+TEN = [MCQuestion(f"Which number is {n}?", tuple(str(k) for k in range(n, n + 10)), 0, "count") for n in (1, 30)] + \
+    [MCQuestion("Two options?", ("yes", "no"), 1, "count")]
+
+
+@pytest.mark.parametrize("mode", ["letter", "cloze"])
+def test_ten_option_questions_fast_matches_reference_and_letters_take_one_row(tiny, mode):
+    model, tok = tiny
+    prompts = build_prompts(TEN, None, 0, mode)
+    stats = ScoreStats()
+    fast = score_prompts(model, tok, prompts, batch_size=2, stats=stats)
+    assert_close(fast, reference_logprobs(model, tok, prompts), 1e-4)
+    if mode == "letter":
+        assert stats.single_forward_questions == len(TEN) and stats.rows == len(TEN)
+
+
+def test_circular_eval_scores_every_rotation(tiny):
+    from eval.mc.results import circular_correct, rotations
+
+    model, tok = tiny
+    out = evaluate_mc(model, tok, TEN, mode="letter", circular=True, progress=False)
+    rotated = [r for q in TEN for r in rotations(q)]
+    reference = reference_logprobs(model, tok, build_prompts(rotated, None, 0, "letter"))
+    expected = circular_correct(TEN, reference)
+    assert out["circular"]["accuracy"] == pytest.approx(sum(expected) / len(TEN))
+    assert out["scoring"]["questions"] == 10 + 10 + 2
+    plain = evaluate_mc(model, tok, TEN, mode="letter", progress=False)
+    assert out["acc"] == plain["acc"] and "circular" not in plain

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from eval.mc.data import MCQuestion
-from eval.mc.results import aggregate, softmax_over_choices
+from eval.mc.results import aggregate, circular_correct, rotations, softmax_over_choices
 from eval.metrics import load_metric, metric_path
 
 # Five questions; confidences kept away from bin edges so the bin of each is unambiguous.
@@ -119,3 +119,27 @@ def test_aggregate_letter_mode_has_no_acc_norm():
     assert out["acc"]["per_subject"] == {"(none)": {"accuracy": 1.0, "stderr": None, "n": 1}}
     with pytest.raises(ValueError, match="choices"):
         aggregate(qs, [[-0.1]], mode="letter")
+
+
+def test_acc_norm_with_five_options_worked_by_hand():
+    q = MCQuestion("Q", ("a", "bb", "cccc", "dddddddd", "e"), 3, "s")
+    # log-likelihoods -1, -1.5, -2.4, -4, -3: acc picks "a" (-1); per character -1, -0.75, -0.6, -0.5, -3, so
+    # acc_norm picks "dddddddd", the answer.
+    out = aggregate([q], [[-1.0, -1.5, -2.4, -4.0, -3.0]], mode="cloze")
+    assert out["acc"]["accuracy"] == 0.0 and out["acc_norm"]["accuracy"] == 1.0
+
+
+def test_circular_eval_counts_a_question_only_if_every_rotation_is_right():
+    q = MCQuestion("Q", ("w", "x", "y"), 1, "s")
+    assert [(r.choices, r.answer) for r in rotations(q)] == [(("w", "x", "y"), 1), (("x", "y", "w"), 0),
+                                                              (("y", "w", "x"), 2)]
+    # A model that knows the answer "x" wherever it stands, and one that always picks the first option (right
+    # only in rotation 1, where "x" comes first).
+    knows = [[-2.0, -0.1, -3.0], [-0.1, -2.0, -3.0], [-2.0, -3.0, -0.1]]
+    first = [[-0.1, -2.0, -3.0]] * 3
+    two = MCQuestion("R", ("p", "q"), 0, "t")
+    assert circular_correct([q, two], knows + [[-0.1, -1.0], [-1.0, -0.1]]) == [True, True]
+    assert circular_correct([q, two], first + [[-0.1, -1.0], [-0.1, -1.0]]) == [False, False]
+    out = aggregate([q, two], [knows[0], [-0.1, -1.0]], mode="letter", circular=[True, False])
+    assert out["circular"]["accuracy"] == 0.5 and out["metrics"]["mc/circular"] == 0.5
+    assert out["acc"]["accuracy"] == 1.0

@@ -111,3 +111,52 @@ def test_chat_template_needs_a_template():
     tok.chat_template = None
     with pytest.raises(InputError, match="chat template"):
         build_prompt(Q, (), "letter", chat_template=True, tokenizer=tok)
+
+
+# --- more than four options: the mmlu template with one "\nX. choice" line per option, letters A-J -------------
+
+def test_letter_prompts_with_two_five_and_ten_options():
+    two = build_prompt(MCQuestion("Is it?", ("yes", "no"), 0, "logic"), (), "letter")
+    assert two.context == ("The following are multiple choice questions (with answers) about logic.\n\n"
+                           "Is it?\nA. yes\nB. no\nAnswer:")
+    assert two.continuations == (" A", " B")
+    five = build_prompt(MCQuestion("Pick one", ("1", "2", "3", "4", "5"), 4, ""), (), "letter")
+    assert five.context == ("The following are multiple choice questions (with answers).\n\n"
+                            "Pick one\nA. 1\nB. 2\nC. 3\nD. 4\nE. 5\nAnswer:")
+    assert five.continuations == (" A", " B", " C", " D", " E")
+    ten_q = MCQuestion("Which is prime?", tuple(str(n) for n in range(20, 30)), 9, "number_theory")
+    ten = build_prompt(ten_q, (MCQuestion("Even?", tuple(str(n) for n in range(1, 11)), 1, "number_theory"),),
+                       "letter")
+    assert ten.context == (
+        "The following are multiple choice questions (with answers) about number theory.\n\n"
+        "Even?\nA. 1\nB. 2\nC. 3\nD. 4\nE. 5\nF. 6\nG. 7\nH. 8\nI. 9\nJ. 10\nAnswer: B\n\n"
+        "Which is prime?\nA. 20\nB. 21\nC. 22\nD. 23\nE. 24\nF. 25\nG. 26\nH. 27\nI. 28\nJ. 29\nAnswer:")
+    assert ten.continuations == tuple(f" {letter}" for letter in "ABCDEFGHIJ")
+    cloze = build_prompt(ten_q, (), "cloze")
+    assert cloze.context.endswith("Question: Which is prime?\nAnswer:") and cloze.continuations[9] == " 29"
+
+
+def test_the_parity_benchmarks_lm_eval_task_renders_our_prompts_for_2_4_5_and_10_options():
+    """benchmarks/mc_vs_lm_eval.py gives lm-eval a looped mmlu template; rendered the way lm-eval renders task
+    templates (lm_eval/utils.py apply_template: jinja2, StrictUndefined, keep_trailing_newline; a string
+    doc_to_choice read back with ast.literal_eval), it must give our context and continuations byte for byte."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    import jinja2
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "mc_vs_lm_eval.py"
+    spec = importlib.util.spec_from_file_location("mc_vs_lm_eval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    env = jinja2.Environment(loader=jinja2.BaseLoader(), undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    template = bench.LETTER_TEMPLATE
+    for n in (2, 4, 5, 10):
+        q = MCQuestion(f" Question with {n} options? ", tuple(f"option {i}" for i in range(n)), n - 1, "some_subject")
+        doc = {"question": q.question, "choices": list(q.choices), "answer": q.answer}
+        text = env.from_string(template["doc_to_text"]).render(**doc)
+        choices = ast.literal_eval(env.from_string(template["doc_to_choice"]).render(**doc))
+        ours = build_prompt(q, (), "letter")
+        assert ours.context == description(q.subject, "letter") + text
+        assert ours.continuations == tuple(" " + c for c in choices)  # lm-eval's target_delimiter " "

@@ -71,3 +71,20 @@ def test_cli_report_and_bad_directory(tmp_path, capsys):
     assert (tmp_path / "x.html").is_file() and (tmp_path / "x.md").is_file()
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "y.html")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_an_arena_adds_its_leaderboard_and_a_ratings_plot(tmp_path):
+    from judge.arena import Battle, leaderboard
+
+    run = fake_run(tmp_path / "runs" / "sentiment" / "a", seed=1, ppo_reward=0.6)
+    battles = [Battle(f"p{i}", "ppo", "sft", "a" if i % 4 else "b", "long answer", "short") for i in range(12)]
+    board = leaderboard(battles, baseline="sft", style_control=True, n_resamples=20)
+    (run / "eval" / "arena.json").write_text(json.dumps(board))
+    html_path, md_path = write_report([run], tmp_path / "out" / "report.html")
+    page = html_path.read_text()
+    ppo = board["models"][0]
+    assert ppo["model"] == "ppo" and ppo["wins"] == 9 and ppo["losses"] == 3
+    cell = f"{ppo['rating']:.0f} [{ppo['ci'][0]:.0f}, {ppo['ci'][1]:.0f}]"
+    assert f"<td>ppo</td><td>{cell}</td>" in page and "<th>style-controlled [95% CI]</th>" in page
+    assert page.count("src='data:image/png;base64,") == 4, "frontier + two curves + arena ratings"
+    assert f"| ppo | {cell} |" in md_path.read_text()
