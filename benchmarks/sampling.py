@@ -11,8 +11,9 @@ without one, a stand-in is written to a temporary folder (a fresh r=16 all-linea
 down so the model still writes text) and the script says so: its completion lengths, hence its timings, are not
 the SFT policy's. "Before" is the implementation the sampler replaced, reproduced here (`generate_before`):
 `model.generate` on the un-merged peft model, left-padded batches of a fixed row count, the K samples of a prompt
-adjacent, a seed per batch. "After" is `Sampler` with its default token budget (LoRA folded in for the call). The two
-alternate --repeats times, so a drift in the machine's speed hits both; medians are printed.
+adjacent, a seed per batch. "After" is `Sampler` with its default token budget (LoRA folded in for the call). After a
+warm-up (the same batches, 2 tokens long) the two alternate --repeats times, so a drift in the machine's speed hits
+both; medians are printed.
 
 What it prints, part by part:
 - prefs: the default preferences workload (--prompts of prompts_train.jsonl x --k completions, --max-new-tokens, T=1):
@@ -177,6 +178,16 @@ def sample_after(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], pa
     return Sampler(model, tokenizer, progress=False).sample(prompt_ids, params)
 
 
+def warm_up(model: Any, tokenizer: Any, prompt_ids: list[list[int]], params: SamplingParams,
+            before_rows: int | None = None) -> None:
+    """Sample the same prompts in the same batch shapes but 2 tokens long, so one-off costs (allocations, kernel
+    selection for each shape) stay out of the timed run: with the sampler and, given `before_rows`, before."""
+    short = dataclasses.replace(params, max_new_tokens=2)
+    if before_rows is not None:
+        generate_before(model, tokenizer, prompt_ids, short, before_rows)
+    sample_after(model, tokenizer, prompt_ids, short)
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     started = time.perf_counter()
     result = fn()
@@ -185,11 +196,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def compare(model: Any, tokenizer: Any, prompt_ids: list[list[int]], params: SamplingParams, batch_rows: int,
             repeats: int) -> tuple[list[float], list[int], list[float], Samples]:
-    """Before and after, alternated `repeats` times after a short warm-up of each (one-off allocations and kernel
-    selection stay out of the timings). Returns before's seconds and lengths, after's seconds and last Samples."""
-    warm = dataclasses.replace(params, max_new_tokens=2)
-    generate_before(model, tokenizer, prompt_ids[:2], warm, batch_rows)
-    sample_after(model, tokenizer, prompt_ids[:2], warm)
+    """Before and after, alternated `repeats` times after a warm-up of each. Returns before's seconds and lengths,
+    after's seconds and last Samples."""
+    warm_up(model, tokenizer, prompt_ids, params, batch_rows)
     before_s, after_s = [], []
     for _ in range(repeats):
         seconds, lengths = timed(lambda: generate_before(model, tokenizer, prompt_ids, params, batch_rows))
@@ -344,7 +353,7 @@ def worker(task: str, sizes: Sizes, adapter: Path, repeats: int) -> float:
     if task == "sample":
         model, tokenizer = load_policy(cfg, adapter)
         prompt_ids, params = prefs_workload(tokenizer, sizes)
-        sample_after(model, tokenizer, prompt_ids[:2], dataclasses.replace(params, max_new_tokens=2))
+        warm_up(model, tokenizer, prompt_ids, params)
         return statistics.median(timed(lambda: sample_after(model, tokenizer, prompt_ids, params))[0]
                                  for _ in range(repeats))
     resolved = resolve_model(cfg.base)
@@ -402,7 +411,7 @@ def run_in_process(policy: tuple[Any, Any], parts: list[str], sizes: Sizes, repe
     if "ceiling" in parts:
         prompt_ids, params = prefs_workload(tokenizer, sizes)
         if samples is None:
-            sample_after(model, tokenizer, prompt_ids[:2], dataclasses.replace(params, max_new_tokens=2))
+            warm_up(model, tokenizer, prompt_ids, params)
             after_s, samples = timed(lambda: sample_after(model, tokenizer, prompt_ids, params))
         bench_ceiling(model, samples, after_s, params, sizes)
     if "shapes" in parts:
