@@ -30,7 +30,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -114,6 +114,14 @@ def plan_batches(widths: Sequence[int], token_budget: int) -> list[list[int]]:
         else:
             batches.append([job])
     return batches
+
+
+def shard_batches(widths: Sequence[int], token_budget: int, shard: tuple[int, int]) -> list[list[int]]:
+    """This process's batches: the jobs, widest first, dealt out in turn to the `shard[1]` processes (so that each
+    gets about the same rows and tokens, however few the jobs), then `plan_batches` over its own jobs."""
+    index, count = shard
+    mine = sorted(range(len(widths)), key=lambda j: (-widths[j], j))[index::count]
+    return [[mine[i] for i in batch] for batch in plan_batches([widths[j] for j in mine], token_budget)]
 
 
 # --- the random streams -----------------------------------------------------------------------------------------
@@ -245,7 +253,6 @@ class Samples:
     completions: list[Completion]
     seconds: float = 0.0
     tokens_processed: int = 0  # prompt tokens prefilled + decoding steps x rows, over every process
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def texts(self) -> list[str]:
@@ -293,9 +300,9 @@ class PaddedBatch:
 class Sampler:
     """The transformers backend: samples from `model` (a causal LM, peft or not) where it sits.
 
-    `token_budget` bounds each batch's rows x (prompt + max_new_tokens); `shard=(index, count)` splits the batches
-    over the processes of a distributed launch, which exchange their completions (a collective: every process
-    calls `sample`) and each return all of them; `fold_lora` folds an active LoRA adapter in for the call.
+    `token_budget` bounds each batch's rows x (prompt + max_new_tokens); `shard=(index, count)` deals the jobs out to
+    the processes of a distributed launch (`shard_batches`), which exchange their completions (a collective: every
+    process calls `sample`) and each return all of them; `fold_lora` folds an active LoRA adapter in for the call.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, token_budget: int = DEFAULT_TOKEN_BUDGET,
@@ -314,20 +321,21 @@ class Sampler:
             raise ValueError("Sampler.sample: give at least one prompt, each of at least one token")
         index, count = self.shard
         widths = [len(prompts[j // params.n]) + params.max_new_tokens for j in range(len(prompts) * params.n)]
-        batches = plan_batches(widths, self.token_budget)
-        mine = list(enumerate(batches))[index::count]
+        mine = shard_batches(widths, self.token_budget, self.shard)
         started = time.perf_counter()
         done: list[tuple[int, Completion]] = []
         processed = 0
         fold = folded_lora(self.model) if self.fold_lora else contextlib.nullcontext(self.model)
-        bar = tqdm(total=sum(len(b) for _, b in mine), desc=desc, unit="completion", disable=not self.progress)
+        bar = tqdm(total=sum(len(b) for b in mine), desc=desc, unit="completion", disable=not self.progress)
         with _eval_mode(self.model), torch.no_grad(), fold as model, bar:
-            for _, jobs in mine:
+            for jobs in mine:
                 completions, tokens = self._decode(model, prompts, jobs, params)
                 done += zip(jobs, completions, strict=True)
                 processed += tokens
                 bar.update(len(jobs))
         if count > 1:
+            log.info("%s: sampled %d of %d completions on process %d of %d", desc, len(done), len(prompts) * params.n,
+                     index, count)
             gathered = gather_object([(done, processed)])
             done = [item for part, _ in gathered for item in part]
             processed = sum(tokens for _, tokens in gathered)
@@ -337,9 +345,8 @@ class Sampler:
     def _decode(self, model: Any, prompts: list[list[int]], jobs: list[int],
                 params: SamplingParams) -> tuple[list[Completion], int]:
         """Sample one batch: each distinct prompt is prefilled once and its KV cache copied to its jobs' rows; the
-        cache is allocated once (`StaticCache`: a step writes one position instead of copying the whole cache) except
-        under autocast;
-        rows leave the batch after their EOS."""
+        cache is allocated once (`StaticCache`: a step writes one position instead of copying the whole cache),
+        except under autocast; rows leave the batch after their EOS."""
         from transformers import DynamicCache, StaticCache
 
         tok, n, steps = self.tokenizer, params.n, params.max_new_tokens
@@ -411,18 +418,16 @@ def completion_logprobs(model: Any, samples: Samples, temperature: float, pad_id
     over batches of at most `token_budget` tokens (prompt + completion, padded), in input order. Sharded like
     `Sampler.sample`."""
     widths = [len(samples.prompt_ids[j // samples.n]) + len(c.token_ids) for j, c in enumerate(samples.completions)]
-    batches = plan_batches(widths, token_budget)
     device = next(model.parameters()).device
-    index, count = shard
     mine: list[tuple[int, list[float]]] = []
     with _eval_mode(model):
-        for jobs in batches[index::count]:
+        for jobs in shard_batches(widths, token_budget, shard):
             batch = samples.padded(jobs, pad_id, device)
             values = response_logprobs(model, batch.ids, batch.attention_mask, batch.response_start,
                                        temperature).logprobs
             for row, j in enumerate(jobs):
                 mine.append((j, values[row, :len(samples.completions[j].token_ids)].tolist()))
-    if count > 1:
+    if shard[1] > 1:
         mine = [item for part in gather_object([mine]) for item in part]
     return [values for _, values in sorted(mine, key=lambda item: item[0])]
 

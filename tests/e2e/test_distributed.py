@@ -84,8 +84,7 @@ def test_two_process_quick_chain(tmp_path):
 
     # Preferences: each process sampled half the completions; gathered, they are what one process samples alone
     # (the same stage, re-run in this process on a copy of the run).
-    shares = {int(rank): (int(n), int(total)) for n, total, rank in
-              re.findall(r"sampled (\d+) of (\d+) completions on process (\d) of 2", proc.stderr)}
+    shares = sampled_shares(proc.stderr, "sampling completions")
     prompts = len((run / "prefs" / "samples.jsonl").read_text().splitlines())
     assert set(shares) == {0, 1} and all(n > 0 for n, _ in shares.values()), shares
     assert shares[0][0] + shares[1][0] == shares[0][1] == prompts * recipe.stages["prefs"].samples_per_prompt
@@ -97,6 +96,23 @@ def test_two_process_quick_chain(tmp_path):
     for name in ("samples.jsonl", "data/train.jsonl", "data/test.jsonl"):
         assert (copy / "sentiment" / "q" / "prefs" / name).read_bytes() == (run / "prefs" / name).read_bytes()
 
+    # Eval: every process sampled a share of each model's completions (and of the KL passes); the main process
+    # scored and wrote what they sampled together, which is what one process writes alone.
+    for name in recipe.stages["eval"].model_names(recipe, "stages.eval"):
+        shares = sampled_shares(proc.stderr, f"sampling {name}")
+        assert set(shares) == {0, 1} and all(n > 0 for n, _ in shares.values()), (name, shares)
+        assert shares[0][0] + shares[1][0] == shares[0][1]
+    shutil.rmtree(copy / "sentiment" / "q" / "eval")
+    run_recipe(QUICK_RUN[1], RunOptions(overrides=["profile=quick"], stage="eval", resume=True, run_id="q",
+                                        output_dir=copy))
+    alone = copy / "sentiment" / "q" / "eval"
+    assert_same_results(json.loads((alone / "results.json").read_text()),
+                        json.loads((run / "eval" / "results.json").read_text()))
+    for samples in sorted((run / "eval").glob("*/samples.jsonl")):
+        texts = [[(r["prompt"], r["completion"]) for r in map(json.loads, f.read_text().splitlines())]
+                 for f in (samples, alone / samples.parent.name / "samples.jsonl")]
+        assert texts[0] == texts[1], samples
+
     # DPO: the training pairs are split between the processes, so an epoch takes half the steps of one process:
     # ceil(ceil(pairs / 2) / per-device batch).
     pairs = json.loads((run / "prefs" / "done.json").read_text())["metrics"]["labels/train_pairs"]
@@ -105,6 +121,30 @@ def test_two_process_quick_chain(tmp_path):
     steps_per_epoch = math.ceil(math.ceil(pairs / 2) / batch)
     assert first["train/epoch"] == pytest.approx(first["step"] / steps_per_epoch)
     assert steps_per_epoch < math.ceil(pairs / batch), "one process alone would need more steps per epoch"
+
+
+def assert_same_results(a, b, path: str = "") -> None:
+    """Two results.json trees are the same evaluation: equal but for where the models were loaded from (`source`),
+    timings, and float rounding (a KL pass over other batch shapes sums its log-probs in another order: ~1e-7)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            if key != "source" and not any(word in key for word in ("seconds", "time", "perf")):
+                assert_same_results(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_results(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, abs=1e-5), path
+    else:
+        assert a == b, path
+
+
+def sampled_shares(log: str, desc: str) -> dict[int, tuple[int, int]]:
+    """{process: (completions it sampled, completions in all)} from the sampler's log lines for `desc`."""
+    return {int(rank): (int(n), int(total)) for n, total, rank in
+            re.findall(rf"{re.escape(desc)}: sampled (\d+) of (\d+) completions on process (\d) of 2", log)}
 
 
 WRITE_EVENTS = {"open", "os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
