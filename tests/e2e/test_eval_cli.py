@@ -59,7 +59,17 @@ def test_judge_two_sample_files_then_two_models(files, capsys, tmp_path):
                  "--output", str(tmp_path / "j.json")]) == 0
     assert "win rate" in capsys.readouterr().out
     result = json.loads((tmp_path / "j.json").read_text())
-    assert result["n"] == 2 and result["wins"] + result["ties"] + result["losses"] == 2 and result["vs"] == str(b)
+    # Paired by (prompt, sample), whatever the row order, the unpaired row left out: the verdicts are the judge's on
+    # exactly these two pairs, a's answer as answer a.
+    from common.models import resolve_model
+    from judge import Pair, build_judge, judge_config_from_dict, judge_pairs
+
+    judge = build_judge(judge_config_from_dict({"backend": "local", "local": {
+        "model": str(resolve_model("tiny-random-llama").path)}}, "judge"))
+    expected = [v.winner for v in judge_pairs(judge, [Pair("Hi", "Hello there!", "Go away."),
+                                                      Pair("Sky?", "Blue.", "Green.")])]
+    assert (result["wins"], result["ties"], result["losses"]) == tuple(expected.count(w) for w in ("a", "tie", "b"))
+    assert result["n"] == 2 and result["vs"] == str(b)
 
     assert main(["judge", "--a", f"{run}:sft", "--b", f"{run}:base", "--prompts", str(root / "prompts.jsonl"),
                  "--samples-per-prompt", "1", "--max-new-tokens", "4", "--judge-model", "tiny-random-llama",

@@ -11,12 +11,12 @@ import pytest
 from common.tracking import read_metrics
 from recipes.cli import main
 from recipes.runner import RunOptions, run_recipe
-from tests.stages.test_eval_stage import EVAL, eval_recipe  # noqa: F401 - a fixture
+from tests.stages.conftest import EVAL
 
 LETTERS = {"scorer": "regex", "pattern": "[a-z]"}
 
 
-def test_best_of_n_is_evaluated_beside_its_policy(eval_recipe, tmp_path):  # noqa: F811 - the fixture
+def test_best_of_n_is_evaluated_beside_its_policy(eval_recipe, tmp_path):
     generation = {**EVAL["generation"], "scorer": LETTERS}
     path = eval_recipe(models=["sft"], mc=None, judge=None, generation=generation,
                        best_of=[{"policy": "sft", "reward": "gold", "n": 4}])
@@ -40,7 +40,7 @@ def test_best_of_n_is_evaluated_beside_its_policy(eval_recipe, tmp_path):  # noq
     ({"policy": "nope", "reward": "gold"}, "unknown key 'nope' at stages.eval (a from:/data.stage reference"),
     ({"policy": "sft", "reward": "gold", "name": "sft"}, "the model name 'sft' is taken"),
 ])
-def test_a_bad_best_of_entry_exits_2_before_anything_runs(eval_recipe, tmp_path, capsys, entry,  # noqa: F811
+def test_a_bad_best_of_entry_exits_2_before_anything_runs(eval_recipe, tmp_path, capsys, entry,
                                                           message):
     path = eval_recipe(models=["sft"], mc=None, judge=None, best_of=[entry])
     assert main(["run", str(path), "--output-dir", str(tmp_path / "runs")]) == 2

@@ -5,7 +5,6 @@ import torch
 
 from common.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
 from judge import (
-    PAIRWISE_LABELS,
     SCORE_LABELS,
     JudgeCache,
     Pair,
@@ -32,17 +31,40 @@ def tiny():
     return build_tiny_model(tokenizer, seed=0), tokenizer
 
 
-def test_every_verdict_has_a_probability(tiny):
-    model, tokenizer = tiny
-    verdicts = judge_pairs(LocalJudge(model, tokenizer, batch_size=4), PAIRS)
+def biased_judge(tokenizer, labels: dict[str, float], seed: int = 0, batch_size: int = 4) -> LocalJudge:
+    """A judge whose next-token logits are fixed, whatever it is shown: `value` on each label's first token, 0 on the
+    others. Its answer is known in advance."""
+    model = build_tiny_model(tokenizer, seed=seed)
+    bias = torch.zeros(len(tokenizer))
+    for label, value in labels.items():
+        bias[tokenizer(label, add_special_tokens=False)["input_ids"][0]] = value
+    model.lm_head.register_forward_hook(lambda module, inputs, output: torch.zeros_like(output) + bias)
+    return LocalJudge(model, tokenizer, batch_size=batch_size)
+
+
+def test_a_judge_that_always_says_a_is_position_inconsistent_on_every_pair(tiny):
+    # It prefers whichever answer is shown first: a wins in the order (a, b), b in the order (b, a). With the position
+    # swap that is no evidence either way: every pair is an inconsistent tie, the win rate exactly 1/2. A harness
+    # without the swap would report a win rate of 1.
+    _, tokenizer = tiny
+    verdicts = judge_pairs(biased_judge(tokenizer, {"A": 30.0}), PAIRS)
     for v in verdicts:
-        for answer in (v.ab, v.ba):
-            assert answer.label in PAIRWISE_LABELS.labels
-            assert set(answer.probs) == {"A", "B", "C"}
-            assert sum(answer.probs.values()) == pytest.approx(1.0, abs=1e-9)
-            assert 0.0 < answer.label_mass <= 1.0
-        assert v.winner in ("a", "b", "tie") and v.consistent in (True, False)
-        assert v.prob_a + v.prob_b + v.prob_tie == pytest.approx(1.0, abs=1e-9)
+        assert (v.ab.label, v.ba.label, v.winner, v.consistent) == ("A", "A", "tie", False)
+        # P(A) ~ 1 in each order: a's probability is P(A) shown first and P(B) shown second, so the average is 1/2.
+        assert v.prob_a == pytest.approx(0.5, abs=1e-9) and v.prob_b == pytest.approx(0.5, abs=1e-9)
+        assert v.prob_tie == pytest.approx(0.0, abs=1e-9)
+    winners, consistency = [v.winner for v in verdicts], [v.consistent for v in verdicts]
+    assert winners == ["tie"] * 3 and consistency == [False] * 3
+
+
+def test_a_judge_that_always_says_b_first_makes_the_second_shown_answer_win_twice(tiny):
+    # "B" in both orders: b wins shown second in (a, b), a wins shown second in (b, a): inconsistent again. A judge
+    # torn between A and C (equal bias) puts half its mass on the tie label in each order.
+    _, tokenizer = tiny
+    assert [v.winner for v in judge_pairs(biased_judge(tokenizer, {"B": 30.0}), PAIRS)] == ["tie"] * 3
+    for v in judge_pairs(biased_judge(tokenizer, {"A": 30.0, "C": 30.0}), PAIRS):
+        assert v.prob_tie == pytest.approx(0.5, abs=1e-6)
+        assert v.prob_a == pytest.approx(0.25, abs=1e-6) and v.prob_b == pytest.approx(0.25, abs=1e-6)
 
 
 def test_batched_equals_one_at_a_time(tiny):
@@ -79,17 +101,19 @@ def test_two_token_label_is_split_from_its_prefix(tiny):
 
 
 def test_grades_are_expected_scores(tiny):
-    model, tokenizer = tiny
-    judge = LocalJudge(model, tokenizer)
-    grades = grade_answers(judge, ["Name a colour.", "2 + 2?"], ["Blue.", "4"], references=[None, "4"])
-    for g in grades:
-        assert 1.0 <= g.score <= 10.0
-        assert g.score == pytest.approx(sum(int(k) * p for k, p in g.answer.probs.items()), rel=1e-9)
+    # A judge sure of "7" grades 7; one split evenly between "3" and "8" grades their mean, 5.5. A harness that took
+    # the most likely label would say 3 (or 8), one that read "1" of "10" as a grade would drift below.
+    _, tokenizer = tiny
+    questions, answers, references = ["Name a colour.", "2 + 2?"], ["Blue.", "4"], [None, "4"]
+    sure = grade_answers(biased_judge(tokenizer, {"7": 30.0}), questions, answers, references=references)
+    assert [g.score for g in sure] == pytest.approx([7.0, 7.0], abs=1e-6)
+    split = grade_answers(biased_judge(tokenizer, {"3": 30.0, "8": 30.0}), questions, answers, references=references)
+    assert [g.score for g in split] == pytest.approx([5.5, 5.5], abs=1e-6)
 
 
 def test_labeller_and_cache_on_the_local_judge(tiny, tmp_path):
-    model, tokenizer = tiny
-    judge = LocalJudge(model, tokenizer, batch_size=2)
+    _, tokenizer = tiny
+    judge = biased_judge(tokenizer, {"A": 30.0}, batch_size=2)
     calls = []
     original = judge.ask
     judge.ask = lambda q, labels, on_result=None: calls.append(len(q)) or original(q, labels, on_result)
@@ -100,8 +124,9 @@ def test_labeller_and_cache_on_the_local_judge(tiny, tmp_path):
                                   [p.answer_b for p in PAIRS], cache=cache)
     assert calls == [6]  # 3 pairs x 2 orders, then nothing on the re-run
     assert again == labels
-    for index, prob in labels:
-        assert index in (0, 1, None) and 0.0 <= prob <= 1.0
+    # A position-biased judge decides no pair: each is left unlabelled, with the order-averaged P(tie) (0 here).
+    assert [index for index, _ in labels] == [None] * 3
+    assert [prob for _, prob in labels] == pytest.approx([0.0] * 3, abs=1e-9)
 
 
 def test_judge_ids_tell_models_apart(tiny):
@@ -121,6 +146,12 @@ def test_evaluate_from_a_saved_model_directory(tmp_path):
     gold = [Pair(p.prompt, p.answer_a, p.answer_b, gold_a=1.0, gold_b=0.0) for p in PAIRS]
     verdicts, metrics = evaluate_pairs(cfg, gold)
     assert len(verdicts) == 3 and metrics["judge/pairs"] == 3 and metrics["judge/unparseable_answers"] == 0
-    assert 0.0 <= metrics["judge/win_rate"] <= 1.0 and "judge/gold_agreement_with_ties" in metrics
+    # The metrics are the verdicts counted: wins, ties, losses; a tie counts half (in a's favour and against).
+    winners = [v.winner for v in verdicts]
+    counts = {w: winners.count(w) for w in ("a", "tie", "b")}
+    assert (metrics["judge/wins"], metrics["judge/ties"], metrics["judge/losses"]) == tuple(counts.values())
+    assert metrics["judge/win_rate"] == pytest.approx((counts["a"] + counts["tie"] / 2) / 3, abs=1e-12)
+    assert metrics["judge/position_consistency"] == pytest.approx(sum(v.consistent for v in verdicts) / 3)
     grades, scores = evaluate_grades(cfg, ["q1", "q2"], ["a1", "a2"], references=["r1", None])
-    assert 1.0 <= scores["judge/score_mean"] <= 10.0 and scores["judge/unparseable_answers"] == 0
+    assert scores["judge/score_mean"] == pytest.approx(sum(g.score for g in grades) / 2, abs=1e-9)
+    assert scores["judge/unparseable_answers"] == 0
