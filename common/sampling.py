@@ -49,7 +49,7 @@ Prompt = str | Messages
 
 # Room for a batch of the default task: 512 completions of a ~40-token prompt and 40 new tokens (~30 KiB of KV
 # cache a token for SmolLM2-135M: ~1.3 GB). Larger budgets stop paying once the matrix products are wide.
-DEFAULT_TOKEN_BUDGET = 32768
+DEFAULT_TOKEN_BUDGET = 65536
 
 
 # --- prompt rendering -------------------------------------------------------------------------------------------
@@ -140,8 +140,9 @@ def draw_tokens(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int
     unrestricted), by inverse CDF: the first token whose cumulative probability exceeds the row's uniform.
 
     Returns the tokens and, with `with_logprobs`, their log-probs under the full (unrestricted) softmax(logits / T).
-    The probabilities are float32 like the logits, their cumulative sum float64, so that over a 50k-token
-    vocabulary a token's share of [0, 1) is its probability to ~1e-7 rather than the ~1e-3 a float32 sum can drift.
+    The probabilities are float32 like the logits, their cumulative sums float64 (`inverse_cdf`), so that over a
+    50k-token vocabulary a token's share of [0, 1) is its probability to ~1e-7 rather than the ~1e-3 a float32 sum
+    can drift.
     """
     z = logits.float() / temperature if temperature != 1.0 else logits.float()
     probs = torch.softmax(z, dim=-1)
@@ -156,12 +157,30 @@ def draw_tokens(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int
         before = sorted_probs.cumsum(-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(before >= top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    cdf = probs.cumsum(-1, dtype=torch.float64)
-    target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    tokens = inverse_cdf(probs, uniforms.to(probs.device))
     if not with_logprobs:
         return tokens, None
     return tokens, torch.log(picked_probs.gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def inverse_cdf(probs: Tensor, uniforms: Tensor, block: int = 256) -> Tensor:
+    """For each row, the first index whose cumulative (unnormalised) probability exceeds uniform * the row's total.
+
+    In two levels, so that the whole [rows, vocabulary] tensor is read once, by a vectorised sum: sums of blocks of
+    `block` tokens (float32 sums of 256 terms, exact to ~1e-7 of the block), their float64 cumulative sum to find each
+    row's block, then the float64 cumulative sum within that block alone.
+    """
+    rows, vocab = probs.shape
+    if vocab % block:
+        probs = torch.nn.functional.pad(probs, (0, block - vocab % block))
+    blocks = probs.view(rows, -1, block)
+    block_cdf = blocks.sum(-1).double().cumsum(-1)
+    target = uniforms * block_cdf[:, -1]
+    which = torch.searchsorted(block_cdf, target[:, None], right=True).squeeze(-1).clamp_(max=block_cdf.shape[1] - 1)
+    before = torch.where(which > 0, block_cdf.gather(-1, (which - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
+    inside = blocks[torch.arange(rows, device=probs.device), which].cumsum(-1, dtype=torch.float64)
+    offset = torch.searchsorted(inside, (target - before)[:, None], right=True).squeeze(-1).clamp_(max=block - 1)
+    return (which * block + offset).clamp_(max=vocab - 1)
 
 
 # --- LoRA folding -----------------------------------------------------------------------------------------------
@@ -376,15 +395,17 @@ class Sampler:
             drawn, picked = draw_tokens(logits, uniforms[live, step], params.temperature, params.top_k, params.top_p,
                                         with_logprobs=params.logprobs)
             drawn = drawn.cpu()
+            rows, drawn_list = live.tolist(), drawn.tolist()
+            picked_list = picked.tolist() if picked is not None else None
             for i in (~done).nonzero().squeeze(-1).tolist():
-                tokens[int(live[i])].append(int(drawn[i]))
-                if picked is not None:
-                    logprobs[int(live[i])].append(float(picked[i]))
+                tokens[rows[i]].append(drawn_list[i])
+                if picked_list is not None:
+                    logprobs[rows[i]].append(picked_list[i])
             done |= drawn == tok.eos_token_id
             if step == steps - 1 or bool(done.all()):
                 break
-            # Ended rows leave the batch once they are a quarter of it: copying the cache costs about a step.
-            if int(done.sum()) * 4 >= len(live):
+            # Ended rows leave the batch once they are an eighth of it: a copy of the cache costs about a step.
+            if int(done.sum()) * 8 >= len(live):
                 keep = (~done).nonzero().squeeze(-1)
                 live, drawn, done, mask, next_position = (live[keep], drawn[keep], done[keep], mask[keep.to(device)],
                                                           next_position[keep.to(device)])

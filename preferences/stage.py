@@ -11,7 +11,7 @@ prefs:
   samples_per_prompt: 4         # K
   max_new_tokens: 48
   temperature: 1.0              # top_k: 0, top_p: 1.0 (off) as well
-  token_budget: 32768           # tokens a sampling batch may hold: rows x (prompt + max_new_tokens)
+  token_budget: 65536           # tokens a sampling batch may hold: rows x (prompt + max_new_tokens)
   strategy: best_vs_worst       # or all_pairs; pairs need a gold gap >= min_gap (and > 0)
   min_gap: 0.0
   noise: 0.1                    # each label flipped with this probability, seeded by the recipe seed

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from common.errors import InputError
-from common.sampling import as_messages, completion_text, draw_tokens, job_uniforms, plan_batches, scorer_text
+from common.sampling import (
+    as_messages,
+    completion_text,
+    draw_tokens,
+    inverse_cdf,
+    job_uniforms,
+    plan_batches,
+    scorer_text,
+)
 
 TRANSCRIPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Review Alien."},
               {"role": "assistant", "content": "Which one?"}, {"role": "user", "content": "The 1979 one."}]
@@ -71,3 +79,17 @@ def test_draw_tokens_inverts_the_cdf_by_hand():
     # The log-probs are those of the full distribution, whatever top_k / top_p drew from.
     tokens, logprobs = draw_tokens(logits, u, 1.0, top_k=2, with_logprobs=True)
     torch.testing.assert_close(logprobs, torch.log(torch.tensor([0.5, 0.5, 0.5, 0.3])), atol=1e-6, rtol=0)
+
+
+def test_inverse_cdf_in_blocks_finds_what_one_cumulative_sum_finds():
+    # Blocks of 4 over 10 tokens (the last block padded with zeros). Probabilities 0.1 each: cumulative 0.1, ..., 1.0;
+    # u = 0.35 -> first cumulative above 0.35 is 0.4: token 3; u = 0.95 -> token 9; u = 0 -> token 0.
+    probs = torch.full((3, 10), 0.1)
+    assert inverse_cdf(probs, torch.tensor([0.35, 0.95, 0.0], dtype=torch.float64), block=4).tolist() == [3, 9, 0]
+    # Against a float64 cumulative sum over whole rows, on random rows and uniforms, unnormalised, blocks of 7.
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(50, 1000, generator=generator) ** 4
+    u = torch.rand(50, generator=generator, dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    assert torch.equal(inverse_cdf(probs, u, block=7), expected)
