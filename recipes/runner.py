@@ -113,12 +113,11 @@ def run_replicas(recipe: Recipe, recipe_path: str | Path, raw_text: str, opts: R
     is unfinished (and starts those never begun). In one process a failing replica is logged and the next one runs;
     under a distributed launch the failure ends the launch (the other processes would wait in its collectives)."""
     replicas = recipe.replicas()
+    if opts.stage:  # every replica must have the stage's inputs, checked before any directory is created (or replaced)
+        for replica in replicas:
+            check_stage_inputs(replica, recipe_path, opts, replica_name(replica.seed))
     root = _share(state, lambda: locate_run(recipe, run_id=opts.run_id, resume=opts.resume, overwrite=opts.overwrite,
                                             output_dir=opts.output_dir))
-    if opts.stage:  # every replica must have the stage's inputs, checked before any replica runs
-        for replica in replicas:
-            check_stage_inputs(replica, recipe_path, dataclasses.replace(opts, run_id=root.name),
-                               replica_name(replica.seed))
     runs, failed = [], {}
     for i, replica in enumerate(replicas, 1):
         name = replica_name(replica.seed)
@@ -128,6 +127,10 @@ def run_replicas(recipe: Recipe, recipe_path: str | Path, raw_text: str, opts: R
         try:
             run = _create_run(replica, root / name, raw_text, replica_opts, state)
             run_chain(run, recipe_path, replica_opts, state, wait_for_everyone, root.name)
+            if state.is_main_process and opts.stage is None and has_eval(recipe):
+                from eval.report import write_report
+
+                write_report([run.root], run.root / "report.html")  # a replica is a complete run, report and all
             runs.append(run)
         except Exception as e:
             if state.num_processes > 1:
