@@ -204,7 +204,8 @@ def stage_figure(run: RunData, stage: str, metric: str) -> dict | None:
 def stages_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
     """The stages' own headline figures (the reward model's held-out accuracies), one row per stage, over seeds."""
     kinds = {name: done.get("kind") for run in runs for name, done in run.stages.items() if done}
-    figures = [f for f in STAGE_FIGURES if f[1] in kinds.values()]
+    figures = [f for f in STAGE_FIGURES if any(done.get("kind") == f[1] and f[2] in done.get("metrics", {})
+                                               for run in runs for done in run.stages.values())]
     rows, groups = [], by_recipe(runs)
     for recipe, members in groups.items():
         for stage in dict.fromkeys(n for run in members for n in run.stages if kinds.get(n) in {f[1] for f in figures}):
