@@ -174,6 +174,8 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     stages: dict[str, Any] = field(default_factory=dict)
     seed: int = 42
+    # Several seeds: one full replica of the chain per seed (see `replicas`); `seed` then is unused.
+    seeds: list[int] | None = None
     description: str = ""
     output_dir: str = "runs"
     # Named sets of overrides (dotted key -> value), chosen with `profile: NAME` or `--set profile=NAME`.
@@ -218,6 +220,17 @@ class Recipe:
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self.source.parent / p).resolve()
+
+    def replicas(self) -> list[Recipe]:
+        """One recipe per seed of `seeds`, each an independent copy whose `seed` is that seed and whose `seeds` is
+        unset: a single-seed recipe, so every random stream of its chain (data order and splits, sampling, label
+        noise, initialisation, all read from `seed`) derives from its own seed and nothing is shared."""
+        copies = []
+        for seed in self.seeds or []:
+            replica = copy.deepcopy(self)
+            replica.seed, replica.seeds = seed, None
+            copies.append(replica)
+        return copies
 
 
 def check_policy_source(recipe: Recipe, from_: str | None, where: str) -> None:
@@ -454,6 +467,39 @@ def _sweep_label(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_+-]", "_", str(value))
 
 
+# --- seeds ------------------------------------------------------------------------------------------
+
+# numpy's seed range; transformers.set_seed passes the seed to numpy, which refuses anything outside it.
+SEED_LIMIT = 2**32
+
+
+def parse_seeds_option(texts: list[str]) -> list[int | str]:
+    """`--seeds 42 43`: the words as integers where they are written as integers (the rest stay text, for
+    `check_seeds` to name)."""
+    return [int(t) if re.fullmatch(r"[+-]?\d+", t.strip()) else t for t in texts]
+
+
+def check_seeds(seeds: list, seed: Any, where: str, source: str) -> None:
+    """The `seeds` list (built already, so its items are integers): at least one, each once, in numpy's range; and a
+    `seed` given beside it (None when not) must be one of them, or the recipe says two different things."""
+    hint = "e.g. seeds: [42, 43, 44]" if where == "seeds" else "e.g. --seeds 42 43 44"
+    if not seeds:
+        raise InputError(f"{source}: {where} is empty; name at least one seed, {hint} (one replica of the chain "
+                         "each)")
+    for i, value in enumerate(seeds):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{source}: {where}[{i}] must be an integer seed, got {value!r}; {hint}")
+        if not 0 <= value < SEED_LIMIT:
+            raise InputError(f"{source}: {where}[{i}] must be in [0, 2**32), got {value}; {hint}")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise InputError(f"{source}: {where} names seed {repeated[0]} more than once; each seed is one replica, list "
+                         "it once")
+    if seed is not None and seed not in seeds:
+        raise InputError(f"{source}: seed is {seed} but {where} is {list(seeds)}; one replica runs per seed in "
+                         f"{where}: remove seed, or make it one of them")
+
+
 # --- loading ----------------------------------------------------------------------------------------
 
 class StrictLoader(yaml.SafeLoader):
@@ -502,9 +548,11 @@ def read_yaml(path: Path) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                stage_kinds: dict[str, type[StageConfig]] | None = None) -> tuple[Recipe, dict]:
+                stage_kinds: dict[str, type[StageConfig]] | None = None,
+                seeds: list[int | str] | None = None) -> tuple[Recipe, dict]:
     """Read, override and validate a recipe. Returns the recipe and the raw mapping after overrides.
 
+    `seeds` (the command line's `--seeds`) replaces the recipe's `seed` and `seeds`, after every other override.
     Every check runs here: schema, types, trl args, references, cycles, data files and their rows.
     """
     path = Path(path)
@@ -526,8 +574,15 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         if parts != ["profile"]:
             apply_override(data, parts, value, f"--set {text}")
 
+    if seeds is not None:
+        check_seeds(seeds, None, "--seeds", "command line")
+        data.pop("seed", None)
+        data["seeds"] = list(seeds)
+
     stages_raw = data.pop("stages", None)
     recipe = build(Recipe, data, "", str(path))
+    if recipe.seeds is not None:
+        check_seeds(recipe.seeds, data.get("seed"), "seeds", str(path))
     recipe.source = path.resolve()
     recipe.model.base = model_base_path(recipe.model.base, recipe)
     from common.models import check_model_base

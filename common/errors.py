@@ -32,6 +32,15 @@ class DiskFullError(Exception):
     exit_code = 3
 
 
+class ReplicasFailed(Exception):
+    """Replicas of a multi-seed run failed (each logged as it did) while the others ran to the end. The exit code is
+    the failures' own when they share one (2: input found wrong mid-run; 3: disk full), else 1."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def causes(error: BaseException | None) -> Iterator[BaseException]:
     """`error`, then the exception it was raised from or while handling, and so on."""
     while error is not None:

@@ -75,29 +75,8 @@ class Run:
     def create(cls, recipe: Recipe, raw_text: str, resolved: dict, overrides: list[str], *,
                run_id: str | None = None, resume: bool = False, overwrite: bool = False,
                output_dir: Path | None = None, is_main: bool = True) -> Run:
-        base = output_dir or Path(recipe.output_dir)
-        for folder in (base, base / recipe.name):
-            if folder.exists() and not folder.is_dir():
-                raise InputError(f"{folder} is a file, not a directory; runs are written into {base}/"
-                                 f"{recipe.name}/<run-id>/: give --output-dir (or output_dir) a directory")
-        if run_id is None:
-            if resume:
-                run_id = latest_run_id(base / recipe.name)
-                if run_id is None:
-                    raise InputError(f"--resume: no earlier run of '{recipe.name}' under {base / recipe.name}; "
-                                     "start one without --resume")
-            else:
-                run_id = time.strftime("%Y%m%d-%H%M%S")
-        root = base / recipe.name / run_id
-        run = cls(root, recipe)
-        if root.exists() and not resume:
-            if not overwrite:
-                raise InputError(f"{root} already exists; pass --resume to continue it, --overwrite to replace it, "
-                                 "or --run-id NEW for a new run")
-            if is_main:
-                shutil.rmtree(root)
-        if resume and not root.exists():
-            raise InputError(f"--resume: {root} does not exist; check --run-id or drop --resume")
+        run = cls(locate_run(recipe, run_id=run_id, resume=resume, overwrite=overwrite, output_dir=output_dir,
+                             is_main=is_main), recipe)
         if is_main:
             run.write_header(raw_text, resolved, overrides, resume)
         return run
@@ -144,6 +123,58 @@ class Run:
         if key not in record["outputs"]:
             raise InputError(f"stage '{stage}' has no output '{key}' (it has {', '.join(record['outputs'])})")
         return self.stage_dir(stage) / record["outputs"][key]
+
+
+def locate_run(recipe: Recipe, *, run_id: str | None = None, resume: bool = False, overwrite: bool = False,
+               output_dir: Path | None = None, is_main: bool = True) -> Path:
+    """The directory of a run, `<output_dir>/<recipe>/<run-id>`: a new one (a timestamp unless `run_id`; an existing
+    one is refused, or removed with `overwrite`), or with `resume` the latest (or `run_id`) one, which must exist."""
+    base = output_dir or Path(recipe.output_dir)
+    for folder in (base, base / recipe.name):
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"{folder} is a file, not a directory; runs are written into {base}/"
+                             f"{recipe.name}/<run-id>/: give --output-dir (or output_dir) a directory")
+    if run_id is None:
+        if resume:
+            run_id = latest_run_id(base / recipe.name)
+            if run_id is None:
+                raise InputError(f"--resume: no earlier run of '{recipe.name}' under {base / recipe.name}; "
+                                 "start one without --resume")
+        else:
+            run_id = time.strftime("%Y%m%d-%H%M%S")
+    root = base / recipe.name / run_id
+    if root.exists() and not resume:
+        if not overwrite:
+            raise InputError(f"{root} already exists; pass --resume to continue it, --overwrite to replace it, "
+                             "or --run-id NEW for a new run")
+        if is_main:
+            shutil.rmtree(root)
+    if resume and not root.exists():
+        raise InputError(f"--resume: {root} does not exist; check --run-id or drop --resume")
+    return root
+
+
+# A recipe with `seeds` runs one replica of its chain per seed, each a complete run directory (recipe, manifest,
+# stages, report) inside the run's own: runs/<recipe>/<run-id>/seed-<seed>/. Every tool that reads a run directory
+# reads a replica as it is; the tools that compare runs also take the multi-seed run's directory for its replicas.
+REPLICA_PREFIX = "seed-"
+
+
+def replica_name(seed: int) -> str:
+    return f"{REPLICA_PREFIX}{seed}"
+
+
+def replica_dirs(root: Path) -> list[Path]:
+    """The replicas of a multi-seed run directory, in seed order ([] for a single run's directory); a replica counts
+    once its header (manifest.json) is written."""
+    found = [p for p in root.glob(f"{REPLICA_PREFIX}*") if p.name[len(REPLICA_PREFIX):].isdigit()
+             and (p / "manifest.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(REPLICA_PREFIX):]))
+
+
+def expand_replicas(roots: list[Path]) -> list[Path]:
+    """Run directories as given, a multi-seed run's directory replaced by its replicas' (in seed order)."""
+    return [replica for root in roots for replica in (replica_dirs(root) or [root])]
 
 
 def latest_run_id(recipe_dir: Path) -> str | None:

@@ -5,8 +5,11 @@ the eval stage's results.json and samples), so a report can be made anywhere, an
 One self-contained HTML file (plots embedded as PNG data URIs) and a Markdown file with the same tables
 whose plots sit in a folder next to it.
 
-Several runs of one recipe (different seeds) are folded together: each model's numbers become the mean over
-runs with the spread (min–max) beside it, which is what a reader needs to tell an effect from noise.
+Several runs of one recipe (its seeds: the replicas of a multi-seed run, or runs given one by one) are folded
+together: each model's numbers become the mean over seeds with a 95% Student-t interval over the seeds' values
+(common.stats.t_interval), each seed is a point on the frontier plot, and a gain whose sign changes from seed to
+seed is said in words, which is what a reader needs to tell an effect from noise. Runs of different recipes are
+kept apart (rows `recipe: model`). A multi-seed run's directory stands for its replicas.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import base64
 import html
 import io
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,8 @@ matplotlib.use("Agg")  # no display: render to memory
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.errors import DiskFullError, InputError, disk_full  # noqa: E402
-from common.runs import atomic_write_text  # noqa: E402
+from common.runs import atomic_write_text, expand_replicas  # noqa: E402
+from common.stats import t_interval  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
 
 # The curves worth a plot per stage kind, in the order shown (lab metric names, see common/tracking.py).
@@ -52,6 +55,10 @@ class RunData:
     @property
     def label(self) -> str:
         return f"{self.root.parent.name}/{self.root.name} (seed {self.manifest.get('seed')})"
+
+    @property
+    def recipe(self) -> str:
+        return self.manifest.get("recipe") or self.root.parent.name
 
 
 def read_run(root: Path) -> RunData:
@@ -121,8 +128,37 @@ def lookup(entry: dict, path: tuple[str, ...]):
     return {"mean": node, "ci": None}
 
 
+# Columns that measure a gain, with the value of no effect: where the seeds fall on both sides of it, the report
+# says so (a mean over seeds that disagree in sign is not an effect they agree on).
+GAINS = {"gold reward − ref": 0.0, "judge win rate": 0.5}
+# Figures of a stage's own (its done.json metrics), aggregated like the columns: (header, stage kind, metric, format).
+STAGE_FIGURES = [
+    ("RM gold accuracy", "reward_model", "eval/gold_accuracy", "{:.3f}"),  # held-out pairs ordered as the gold scorer
+    ("RM accuracy (training labels)", "reward_model", "eval/accuracy", "{:.3f}"),
+]
+
+
+@dataclass
+class SeedAggregate:
+    """One figure over the seeds of a recipe: its mean, the 95% t-interval over the seeds' values, and whether
+    they fall on both sides of `centre` (the value of no effect)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    signs_disagree: bool
+
+
+def aggregate(values: list[float], centre: float = 0.0, confidence: float = 0.95) -> SeedAggregate:
+    """Mean over seeds, its t-interval (nan for one seed) and the sign disagreement around `centre`."""
+    low, high = t_interval(values, confidence)
+    above, below = any(v > centre for v in values), any(v < centre for v in values)
+    return SeedAggregate(sum(values) / len(values), low, high, len(values), above and below)
+
+
 def cell(values: list[dict | None], fmt: str) -> str:
-    """One table cell over runs: a single run shows its 95% interval, several runs their mean and spread."""
+    """One table cell over runs: a single run shows its 95% interval, several seeds their mean and t-interval."""
     present = [v for v in values if v is not None]
     if not present:
         return "–"
@@ -131,17 +167,72 @@ def cell(values: list[dict | None], fmt: str) -> str:
         ci = v.get("ci")
         interval = f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else ""
         return v.get("label", "") + fmt.format(v["mean"]) + interval
-    means = [v["mean"] for v in present]
-    return (f"{fmt.format(statistics.mean(means))} (runs {fmt.format(min(means))}–{fmt.format(max(means))}, "
-            f"n={len(means)})")
+    labels = {v.get("label", "") for v in present}  # the MC letter: shown when every seed picks the same one
+    agg = aggregate([v["mean"] for v in present])
+    return (f"{labels.pop() if len(labels) == 1 else ''}{fmt.format(agg.mean)} [{fmt.format(agg.low)}, "
+            f"{fmt.format(agg.high)}] (n={agg.n} seeds)")
+
+
+def by_recipe(runs: list[RunData]) -> dict[str, list[RunData]]:
+    """The runs of each recipe: the seeds that are folded together."""
+    groups: dict[str, list[RunData]] = {}
+    for run in runs:
+        groups.setdefault(run.recipe, []).append(run)
+    return groups
+
+
+def row_label(recipe: str, name: str, groups: dict) -> str:
+    return name if len(groups) == 1 else f"{recipe}: {name}"
 
 
 def results_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
-    models = list(dict.fromkeys(m for run in runs for m in run.results))
-    header = ["model", *[c[0] for c in COLUMNS]]
-    rows = [[model, *[cell([lookup(run.results[model], path) if model in run.results else None for run in runs], fmt)
-                      for _, path, fmt in COLUMNS]] for model in models]
+    header, rows = ["model", *[c[0] for c in COLUMNS]], []
+    groups = by_recipe(runs)
+    for recipe, members in groups.items():
+        for model in dict.fromkeys(m for run in members for m in run.results):
+            rows.append([row_label(recipe, model, groups), *[
+                cell([lookup(run.results[model], path) if model in run.results else None for run in members], fmt)
+                for _, path, fmt in COLUMNS]])
     return header, rows
+
+
+def stage_figure(run: RunData, stage: str, metric: str) -> dict | None:
+    value = run.stages.get(stage, {}).get("metrics", {}).get(metric)
+    return None if value is None else {"mean": value, "ci": None}
+
+
+def stages_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    """The stages' own headline figures (the reward model's held-out accuracies), one row per stage, over seeds."""
+    kinds = {name: done.get("kind") for run in runs for name, done in run.stages.items() if done}
+    figures = [f for f in STAGE_FIGURES if any(done.get("kind") == f[1] and f[2] in done.get("metrics", {})
+                                               for run in runs for done in run.stages.values())]
+    rows, groups = [], by_recipe(runs)
+    for recipe, members in groups.items():
+        for stage in dict.fromkeys(n for run in members for n in run.stages if kinds.get(n) in {f[1] for f in figures}):
+            rows.append([row_label(recipe, stage, groups), *[
+                cell([stage_figure(run, stage, metric) for run in members], fmt) if kinds[stage] == kind else "–"
+                for _, kind, metric, fmt in figures]])
+    return ["stage", *[f[0] for f in figures]], rows
+
+
+def sign_disagreements(runs: list[RunData]) -> list[str]:
+    """A sentence for every model and gain on which the seeds of its recipe fall on both sides of no effect."""
+    notes = []
+    groups = by_recipe(runs)
+    for recipe, members in groups.items():
+        for model in dict.fromkeys(m for run in members for m in run.results):
+            for header, path, fmt in COLUMNS:
+                if header not in GAINS:
+                    continue
+                seeds = [(run.manifest.get("seed"), lookup(run.results[model], path)) for run in members
+                         if model in run.results]
+                seeds = [(seed, v["mean"]) for seed, v in seeds if v is not None]
+                if len(seeds) > 1 and aggregate([v for _, v in seeds], GAINS[header]).signs_disagree:
+                    each = ", ".join(f"seed {seed} {fmt.format(v)}" for seed, v in seeds)
+                    notes.append(f"{row_label(recipe, model, groups)}: the seeds disagree in sign on {header} "
+                                 f"({each}; no effect is {GAINS[header]:g}), so its mean is no effect the seeds "
+                                 "agree on.")
+    return notes
 
 
 # --- plots -------------------------------------------------------------------------------------------
@@ -172,32 +263,48 @@ def curves_plot(runs: list[RunData], stage: str, kind: str) -> bytes | None:
     return png(fig)
 
 
+def frontier_points(runs: list[RunData]) -> dict[str, list[tuple[dict, dict]]]:
+    """Row label -> (KL to ref, gold reward) of each seed that evaluated it, as lookup() values (mean, interval)."""
+    groups, models = by_recipe(runs), {}
+    for recipe, members in groups.items():
+        for run in members:
+            for model, entry in run.results.items():
+                reward, kl = lookup(entry, ("gen", "gold_reward")), lookup(entry, ("gen", "kl_to_ref"))
+                if reward is not None and kl is not None:
+                    models.setdefault(row_label(recipe, model, groups), []).append((kl, reward))
+    return models
+
+
 def frontier_plot(runs: list[RunData]) -> bytes | None:
-    """Gold reward against KL to the reference, one point per model and run: the DPO paper's Figure 2 in
-    miniature (Rafailov et al. 2023), where PPO and each DPO beta trace a reward–KL frontier."""
-    points = []
-    for run in runs:
-        for model, entry in run.results.items():
-            reward, kl = lookup(entry, ("gen", "gold_reward")), lookup(entry, ("gen", "kl_to_ref"))
-            if reward is not None and kl is not None:
-                points.append((model, kl, reward))
-    if not points:
+    """Gold reward against KL to the reference: the DPO paper's Figure 2 in miniature (Rafailov et al. 2023), where
+    PPO and each DPO beta trace a reward–KL frontier. One run: a point per model with its bootstrap interval over
+    prompts. Several seeds: each seed's point, faint, and the mean over seeds with its t-interval on both axes."""
+    models = frontier_points(runs)
+    if not models:
         return None
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
-    families = {}
-    for model, kl, reward in points:
-        family = model.split("-")[0]
-        families.setdefault(family, []).append((model, kl, reward))
-    for family, pts in families.items():
-        xs = [p[1]["mean"] for p in pts]
-        ys = [p[2]["mean"] for p in pts]
-        yerr = [[y - (p[2]["ci"] or [y, y])[0] for p, y in zip(pts, ys, strict=True)],
-                [(p[2]["ci"] or [y, y])[1] - y for p, y in zip(pts, ys, strict=True)]]
-        ax.errorbar(xs, ys, yerr=yerr, fmt="o", capsize=3, label=family)
-        for model, x, y in zip([p[0] for p in pts], xs, ys, strict=True):
-            ax.annotate(model, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    colours = {}
+    for label, seeds in models.items():
+        family = label.split(": ")[-1].split("-")[0]
+        colour = colours.setdefault(family, f"C{len(colours) % 10}")
+        if len(seeds) == 1:
+            (kl, reward), = seeds
+            y, ci = reward["mean"], reward["ci"] or [reward["mean"]] * 2
+            ax.errorbar([kl["mean"]], [y], yerr=[[y - ci[0]], [ci[1] - y]], fmt="o", capsize=3, color=colour)
+            x = kl["mean"]
+        else:
+            xs, ys = [kl["mean"] for kl, _ in seeds], [reward["mean"] for _, reward in seeds]
+            ax.scatter(xs, ys, s=12, alpha=0.4, color=colour)
+            x_agg, y_agg = aggregate(xs), aggregate(ys)
+            x, y = x_agg.mean, y_agg.mean
+            ax.errorbar([x], [y], xerr=[[x - x_agg.low], [x_agg.high - x]], yerr=[[y - y_agg.low], [y_agg.high - y]],
+                        fmt="o", capsize=3, color=colour)
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for family, colour in colours.items():
+        ax.plot([], [], "o", color=colour, label=family)
     ax.set_xlabel("KL to reference (nats per sequence)")
-    ax.set_ylabel("gold reward (mean, 95% CI)")
+    several = any(len(seeds) > 1 for seeds in models.values())
+    ax.set_ylabel("gold reward (mean, 95% CI)" + (";\nfaint: each seed" if several else ""))
     ax.set_title("reward–KL frontier", fontsize=10)
     ax.legend(fontsize=7)
     return png(fig)
@@ -247,12 +354,14 @@ class Report:
     plots: list[tuple[str, bytes]]  # (caption, png)
     samples: list[tuple[str, dict[str, str]]]  # (prompt, model -> completion)
     arena: list[tuple[str, tuple[list[str], list[list[str]]], str]] = field(default_factory=list)  # (run, table, note)
+    stages_table: tuple[list[str], list[list[str]]] = ([], [])  # the stages' own figures (stages_table)
+    disagreements: list[str] = field(default_factory=list)  # sign_disagreements
 
 
 def build_report(run_dirs: list[Path]) -> Report:
     if not run_dirs:
         raise InputError("report: give at least one run directory (runs/<recipe>/<run-id>)")
-    runs = [read_run(Path(d)) for d in run_dirs]
+    runs = [read_run(Path(d)) for d in expand_replicas([Path(d) for d in run_dirs])]
     plots = []
     stage_kinds = {name: done.get("kind") for run in runs for name, done in run.stages.items() if done}
     for stage, kind in stage_kinds.items():
@@ -268,9 +377,10 @@ def build_report(run_dirs: list[Path]) -> Report:
     prompts = list(dict.fromkeys(s["prompt"] for rows in first.samples.values() for s in rows))[:SAMPLES_SHOWN]
     samples = [(p, {m: next((s["completion"] for s in rows if s["prompt"] == p), "")
                     for m, rows in first.samples.items()}) for p in prompts]
-    names = sorted({run.root.parent.name for run in runs})
+    names = sorted({run.recipe for run in runs})
     return Report(title=f"alignlab report: {', '.join(names)}", runs=runs, table=results_table(runs),
-                  plots=plots, samples=samples, arena=arenas)
+                  plots=plots, samples=samples, arena=arenas, stages_table=stages_table(runs),
+                  disagreements=sign_disagreements(runs))
 
 
 def to_markdown(report: Report, image_dir: Path) -> str:
@@ -281,7 +391,12 @@ def to_markdown(report: Report, image_dir: Path) -> str:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     else:
         lines.append("No eval stage has finished in these runs.")
-    lines.append("")
+    lines += ["", INTERVAL_NOTE, ""] if rows else [""]
+    lines += [f"- {note}" for note in report.disagreements] + ([""] if report.disagreements else [])
+    stage_header, stage_rows = report.stages_table
+    if stage_rows:
+        lines += ["| " + " | ".join(stage_header) + " |", "|" + "---|" * len(stage_header)]
+        lines += ["| " + " | ".join(r) + " |" for r in stage_rows] + [""]
     for label, (arena_header, arena_rows), note in report.arena:
         lines += [f"## Arena: {label}", "", "| " + " | ".join(arena_header) + " |", "|" + "---|" * len(arena_header)]
         lines += ["| " + " | ".join(r) + " |" for r in arena_rows] + (["", note] if note else []) + [""]
@@ -312,10 +427,15 @@ def to_html(report: Report) -> str:
     if rows:
         parts.append("<table class='results'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
-        parts.append("</table><p class='note'>Brackets: 95% bootstrap interval of one run; with several runs, the "
-                     "mean over runs and their range.</p>")
+        parts.append(f"</table><p class='note'>{esc(INTERVAL_NOTE)}</p>")
     else:
         parts.append("<p>No eval stage has finished in these runs.</p>")
+    parts += [f"<p class='disagree'>{esc(note)}</p>" for note in report.disagreements]
+    stage_header, stage_rows = report.stages_table
+    if stage_rows:
+        parts.append("<table class='results'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in stage_header) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in stage_rows]
+        parts.append("</table>")
     for label, (arena_header, arena_rows), note in report.arena:
         parts.append(f"<h2>Arena: {esc(label)}</h2><table class='results'><tr>"
                      + "".join(f"<th>{esc(h)}</th>" for h in arena_header) + "</tr>")
@@ -343,6 +463,10 @@ def to_html(report: Report) -> str:
     return "\n".join(parts)
 
 
+INTERVAL_NOTE = ("Brackets: for one run, the 95% bootstrap interval over prompts; over several seeds of a recipe, "
+                 "the mean over seeds and the 95% Student-t interval over the seeds' values (n − 1 degrees of "
+                 "freedom: with so few seeds a bootstrap over them is far too narrow).")
+
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
@@ -351,6 +475,7 @@ th { background: #f3f3f3; }
 table.samples td { max-width: 320px; white-space: pre-wrap; }
 figure { display: inline-block; margin: 0.5em; } img { max-width: 100%; }
 figcaption, .note { font-size: 0.8em; color: #666; }
+.disagree { color: #a33; }
 pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 """
 

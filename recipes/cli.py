@@ -10,13 +10,14 @@ import os
 import sys
 from pathlib import Path
 
-from common.errors import DiskFullError, InputError
+from common.config import parse_seeds_option
+from common.errors import DiskFullError, InputError, ReplicasFailed
 from common.noise import quiet_library_noise
 from eval import cli as eval_cli
 
 EXIT_CODES = (f"exit codes: 0 done; {InputError.exit_code} bad input, one line on stderr (found mid-run, the run "
               f"stops resumable: fix it, then --resume); {DiskFullError.exit_code} disk full, one line (free space, "
-              "then --resume)")
+              "then --resume); a multi-seed run whose replicas failed: their shared code (else 1) and one line naming them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="name of the run directory (default: a timestamp)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--output-dir", type=Path, help="where runs go (default: the recipe's output_dir, runs/)")
+    run.add_argument("--seeds", nargs="+", metavar="SEED",
+                     help="one replica of the whole chain per seed, in RUN/seed-SEED/ (replaces the recipe's seed "
+                          "and seeds); the report aggregates over them")
 
     report = sub.add_parser("report", help="compare runs: an HTML report and its Markdown twin")
-    report.add_argument("runs", type=Path, nargs="+", help="run directories (runs/<recipe>/<run-id>)")
+    report.add_argument("runs", type=Path, nargs="+",
+                        help="run directories (runs/<recipe>/<run-id>; a multi-seed run stands for its replicas)")
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"))
 
     eval_cli.add_parsers(sub)  # eval mc | gen | contamination, judge, arena
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {' -> '.join(recipe.order())})")
             for swept, members in recipe.sweeps.items():
                 print(f"  sweep {swept} -> {', '.join(members)}")
+            if recipe.seeds is not None:
+                print(f"  seeds {', '.join(map(str, recipe.seeds))}: one replica of the chain each")
         elif args.command == "report":
             from eval.report import write_report
 
@@ -76,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "run":
             runner.run_recipe(args.recipe, runner.RunOptions(
                 overrides=args.overrides, stage=args.stage, resume=args.resume, run_id=args.run_id,
-                overwrite=args.overwrite, output_dir=args.output_dir))
-    except (InputError, DiskFullError) as e:
+                overwrite=args.overwrite, output_dir=args.output_dir,
+                seeds=parse_seeds_option(args.seeds) if args.seeds else None))
+    except (InputError, DiskFullError, ReplicasFailed) as e:
         message, code = f"alignlab: error: {e}", e.exit_code
     else:
         return 0

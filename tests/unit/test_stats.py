@@ -1,11 +1,11 @@
-"""common.stats.bootstrap_ci on cases whose answer can be worked by hand."""
+"""common.stats.bootstrap_ci and t_interval on cases whose answer can be worked by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from common.stats import Interval, bootstrap_ci
+from common.stats import Interval, bootstrap_ci, t_interval
 
 
 def test_two_values_percentile_interval_spans_both():
@@ -63,3 +63,28 @@ def test_bad_arguments():
         bootstrap_ci([1.0, 2.0], confidence=95)
     with pytest.raises(ValueError, match="one-dimensional"):
         bootstrap_ci([[1.0, 2.0]])
+
+
+# Student's t quantiles from the tables: t(0.975, df=2) = 4.3027, t(0.975, df=1) = 12.706.
+T_975_DF2, T_975_DF1 = 4.302652729749462, 12.706204736174694
+
+
+def test_t_interval_of_three_seeds():
+    # [1, 2, 3]: mean 2, sample sd 1, standard error 1 / sqrt(3); half-width 4.3027 / 1.7321 = 2.4841.
+    low, high = t_interval([1.0, 2.0, 3.0])
+    assert low == pytest.approx(2 - T_975_DF2 / math.sqrt(3), abs=1e-9)
+    assert high == pytest.approx(2 + T_975_DF2 / math.sqrt(3), abs=1e-9)
+    assert (low, high) == pytest.approx((-0.4841377, 4.4841377), abs=1e-6)
+
+
+def test_t_interval_of_two_seeds_is_wide():
+    # [0.4, 0.6]: sd 0.1414, standard error 0.1; half-width 12.706 * 0.1 = 1.2706, far beyond both values.
+    assert t_interval([0.4, 0.6]) == pytest.approx((0.5 - T_975_DF1 * 0.1, 0.5 + T_975_DF1 * 0.1), abs=1e-9)
+
+
+def test_t_interval_degenerate_inputs():
+    assert t_interval([0.3, 0.3, 0.3]) == pytest.approx((0.3, 0.3), abs=1e-12)
+    low, high = t_interval([0.7])
+    assert math.isnan(low) and math.isnan(high), "one seed has no spread to measure"
+    with pytest.raises(ValueError, match="confidence"):
+        t_interval([1.0, 2.0], confidence=1.0)
