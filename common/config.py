@@ -140,6 +140,11 @@ class StageConfig:
         stage's models); any other reference to a swept stage is ambiguous, an error. Subclasses extend."""
         return []
 
+    def with_groups_expanded(self, block: dict[str, Any], sweeps: dict[str, list[str]]) -> dict[str, Any]:
+        """The stage's raw block with each swept stage it names as a group replaced by its members: what
+        resolved.yaml holds, where the sweeps are already expanded. Subclasses with group references override."""
+        return block
+
     def validate(self, recipe: Recipe, where: str) -> None:
         """Checks that need the whole recipe or the file system; subclasses extend."""
         if self.trl_config is not None:
@@ -618,6 +623,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     check_report_to(recipe.report_to, "report_to")
     for name, stage in recipe.stages.items():
         stage.validate(recipe, f"stages.{name}")
-    data["stages"] = stages_raw
+    data["stages"] = {name: recipe.stages[name].with_groups_expanded(block, recipe.sweeps)
+                      for name, block in stages_raw.items()}
+    data.pop("profile", None)  # applied: its values are in `data`, and loading it again must not apply it twice
     return recipe, data
 

@@ -170,6 +170,9 @@ class EvalStage(StageConfig):
         # A swept stage in `models` stands for all its members: each is evaluated (Recipe.inputs runs them first).
         return [m for m in self.models if m != BASE]
 
+    def with_groups_expanded(self, block: dict[str, Any], sweeps: dict[str, list[str]]) -> dict[str, Any]:
+        return block | {"models": [member for m in self.models for member in sweeps.get(m, [m])]}
+
     def validate(self, recipe: Recipe, where: str) -> None:
         super().validate(recipe, where)
         if self.from_ or self.data is not None or self.args:

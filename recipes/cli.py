@@ -17,7 +17,8 @@ from eval import cli as eval_cli
 
 EXIT_CODES = (f"exit codes: 0 done; {InputError.exit_code} bad input, one line on stderr (found mid-run, the run "
               f"stops resumable: fix it, then --resume); {DiskFullError.exit_code} disk full, one line (free space, "
-              "then --resume); a multi-seed run whose replicas failed: their shared code (else 1) and one line naming them")
+              "then --resume); a multi-seed run whose replicas failed: their shared code (else 1) and one line "
+              "naming them")
 
 
 def build_parser() -> argparse.ArgumentParser:
