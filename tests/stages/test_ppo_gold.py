@@ -144,7 +144,7 @@ def test_a_resumed_keep_best_run_keeps_the_uninterrupted_runs_policy(tmp_path):
      r"stages.ppo.args.keep_best: gold scores held-out samples with a gold scorer, but none is known here"),
     (["stages.ppo.args.keep_best=gold", "stages.ppo.gold=vader"],
      r"stages.ppo.args.keep_best: gold needs held-out prompts, and data.test_size is 0; set data.test_size"),
-    (["stages.ppo.gold={scorer: vaderr}"], r"stages.ppo.gold: unknown scorer 'vaderr'; did you mean 'vader'"),
+    (["stages.ppo.gold={scorer: vaderr}"], r"stages.ppo.gold.scorer: unknown scorer 'vaderr'; did you mean 'vader'"),
     (["stages.ppo.args.keep_best=best"], r"stages.ppo.args.keep_best must be 'last' \| 'gold'"),
     (["stages.ppo.args.keep_best_every=0"], r"stages.ppo.args.keep_best_every must be >= 1, got 0"),
 ])

@@ -4,6 +4,7 @@ logged gold scores, with the gold peak marked."""
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_the_report_flags_length_judge_and_mc_beside_the_numbers(tmp_path):
         "knowledge",
     ]
     for text in expected:
-        assert f"<li>⚠ {text}</li>" in page and f"- ⚠ {text}" in md
+        assert f"<li>⚠ {html.escape(text)}</li>" in page and f"- ⚠ {text}" in md
     # Right under the results table, before any plot.
     assert page.index("</table>") < page.index("<h3>Flags</h3>") < page.index("<figure>")
     assert "length_shift: mean completion length moved by 50% or more of the reference's" in md
