@@ -482,7 +482,9 @@ class OnPolicyTrainer:
         gold = float(self.gold(self.heldout, samples.texts).mean())
         if not self.best or gold > self.best["gold"] or math.isnan(self.best["gold"]):
             self.best.update(step=step, gold=gold)
-            self.best_policy = {k: v for k, v in self.model.trainable_state().items() if k.startswith(f"{POLICY}.")}
+            # A copy: on a CPU, trainable_state's tensors share the live parameters' memory.
+            self.best_policy = {k: v.clone() for k, v in self.model.trainable_state().items()
+                                if k.startswith(f"{POLICY}.")}
         self.best.update(last_step=step, last_gold=gold)
         return {"heldout/gold_scores": gold, "heldout/best_step": float(self.best["step"])}
 
