@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from common.errors import DiskFullError, InputError, disk_full  # noqa: E402
 from common.runs import atomic_write_text, expand_replicas  # noqa: E402
 from common.stats import t_interval  # noqa: E402
 from common.tracking import read_metrics  # noqa: E402
+from eval.flags import RULES, Flag, gold_peak, result_flags, training_flags  # noqa: E402
 
 # The curves worth a plot per stage kind, in the order shown (lab metric names, see common/tracking.py).
 CURVES = {
@@ -51,6 +53,7 @@ class RunData:
     results: dict[str, dict] = field(default_factory=dict)  # model -> eval entry
     samples: dict[str, list[dict]] = field(default_factory=dict)  # model -> samples.jsonl rows
     arena: dict | None = None  # the eval stage's arena.json (judge.arena.leaderboard)
+    eval_reference: str | None = None  # the eval's generation.reference (length and KL are measured against it)
 
     @property
     def label(self) -> str:
@@ -74,7 +77,9 @@ def read_run(root: Path) -> RunData:
     for name, done in stages.items():
         results = root / name / "results.json"
         if done.get("kind") == "eval" and results.is_file():
-            run.results.update(json.loads(results.read_text())["models"])
+            written = json.loads(results.read_text())
+            run.results.update(written["models"])
+            run.eval_reference = ((written.get("config") or {}).get("generation") or {}).get("reference")
             if (root / name / "arena.json").is_file():
                 run.arena = json.loads((root / name / "arena.json").read_text())
             for model in run.results:
@@ -310,6 +315,85 @@ def frontier_plot(runs: list[RunData]) -> bytes | None:
     return png(fig)
 
 
+def overoptimisation_plot(runs: list[RunData], stage: str) -> bytes | None:
+    """Gold and learned reward of a stage's own rollouts against sqrt(KL to the reference) along training (Gao et
+    al. 2022, Fig. 1): when the policy over-optimises the learned reward, the learned reward keeps climbing while the
+    gold peaks and turns down. The star marks the step where the (smoothed) gold peaked (eval.flags.gold_peak)."""
+    series = [(run, [r for r in run.metrics.get(stage, []) if "objective/gold_scores" in r and "objective/kl" in r])
+              for run in runs]
+    series = [(run, rows) for run, rows in series if rows]
+    if not series:
+        return None
+    fig, gold_ax = plt.subplots(figsize=(5.6, 3.8))
+    proxy_ax = gold_ax.twinx()
+    for i, (run, rows) in enumerate(series):
+        color, suffix = f"C{i}", f" ({run.label})" if len(series) > 1 else ""
+        # Runs written before objective/sqrt_kl was logged: the same number from objective/kl.
+        x = [r.get("objective/sqrt_kl", math.sqrt(max(r["objective/kl"], 0.0))) for r in rows]
+        gold = [r["objective/gold_scores"] for r in rows]
+        gold_ax.plot(x, gold, color=color, marker=".", label=f"gold{suffix}")
+        proxy_ax.plot(x, [r.get("objective/scores") for r in rows], color=color, ls="--", alpha=0.7,
+                      label=f"learned reward{suffix}")
+        peak = gold_peak(rows)
+        if peak is not None:
+            j = [r["step"] for r in rows].index(peak.peak_step)
+            gold_ax.plot(x[j], gold[j], marker="*", ms=14, color=color, ls="none")
+            gold_ax.annotate(f"gold peak: step {peak.peak_step}", (x[j], gold[j]), fontsize=7, xytext=(4, 6),
+                             textcoords="offset points")
+    gold_ax.set_xlabel("√KL to the reference (√nats per response)")
+    gold_ax.set_ylabel("gold score (solid)")
+    proxy_ax.set_ylabel("learned reward (dashed)")
+    gold_ax.set_title(f"over-optimisation: {stage}", fontsize=10)
+    handles = [h for ax in (gold_ax, proxy_ax) for h in ax.get_legend_handles_labels()[0]]
+    gold_ax.legend(handles=handles, fontsize=7, loc="best")
+    return png(fig)
+
+
+# --- flags -------------------------------------------------------------------------------------------
+
+def report_flags(runs: list[RunData]) -> list[tuple[str, Flag]]:
+    """Every flag (eval.flags) of every run: (the run's label when there are several runs, else "", flag)."""
+    out = []
+    for run in runs:
+        label = run.label if len(runs) > 1 else ""
+        flags = result_flags(run.results, run.eval_reference)
+        for stage, done in run.stages.items():
+            flags += training_flags(stage, done, run.metrics.get(stage, []))
+        out += [(label, flag) for flag in flags]
+    return out
+
+
+def judge_cells_without_evidence(table: tuple[list[str], list[list[str]]], runs: list[RunData],
+                                 flags: list[tuple[str, Flag]]) -> None:
+    """Replace the judge cell of a model whose judge is position-biased in every run that judged it (flag
+    judge_position_bias) by what it means: a win rate of 0.500 [0.500, 0.500] from all-tie verdicts is no
+    evidence, and a zero-width interval would say the opposite."""
+    header, rows = table
+    if "judge win rate" not in header:
+        return
+    column = header.index("judge win rate")
+    biased = {(label, f.subject) for label, f in flags if f.rule == "judge_position_bias"}
+    for row in rows:
+        model = row[0]
+        judged = [run for run in runs if ((run.results.get(model) or {}).get("judge"))]
+        labels = [run.label if len(runs) > 1 else "" for run in judged]
+        if judged and all((label, model) in biased for label in labels):
+            consistency = [run.results[model]["judge"]["position_consistency"] for run in judged]
+            row[column] = (f"no evidence: position consistency {max(consistency):.2f} "
+                           f"(< {RULES['judge_position_bias'].thresholds['min_consistency']})")
+
+
+def flag_lines(report: Report) -> list[str]:
+    """The flags as sentences, each with its run when there are several."""
+    return [f"{label}: {flag.text}" if label else flag.text for label, flag in report.flags]
+
+
+def flag_legend(report: Report) -> str:
+    """The rules that fired, with their thresholds (eval.flags.RULES)."""
+    fired = dict.fromkeys(flag.rule for _, flag in report.flags)
+    return "Rules (eval/flags.py): " + "; ".join(f"{name}: {RULES[name].legend}" for name in fired) + "."
+
+
 def arena_table(board: dict) -> tuple[list[str], list[list[str]]]:
     """The leaderboard: rating [CI] (and style-controlled rating [CI]) and the record, best first."""
     style = any("style_rating" in row for row in board["models"])
@@ -356,6 +440,7 @@ class Report:
     arena: list[tuple[str, tuple[list[str], list[list[str]]], str]] = field(default_factory=list)  # (run, table, note)
     stages_table: tuple[list[str], list[list[str]]] = ([], [])  # the stages' own figures (stages_table)
     disagreements: list[str] = field(default_factory=list)  # sign_disagreements
+    flags: list[tuple[str, Flag]] = field(default_factory=list)  # (run label or "", flag): eval.flags
 
 
 def build_report(run_dirs: list[Path]) -> Report:
@@ -368,6 +453,9 @@ def build_report(run_dirs: list[Path]) -> Report:
         image = curves_plot(runs, stage, kind)
         if image:
             plots.append((f"training curves: {stage}", image))
+        overoptimisation = overoptimisation_plot(runs, stage)
+        if overoptimisation:
+            plots.append((f"gold and learned reward against √KL: {stage}", overoptimisation))
     frontier = frontier_plot(runs)
     if frontier:
         plots.insert(0, ("reward–KL frontier", frontier))
@@ -378,9 +466,11 @@ def build_report(run_dirs: list[Path]) -> Report:
     samples = [(p, {m: next((s["completion"] for s in rows if s["prompt"] == p), "")
                     for m, rows in first.samples.items()}) for p in prompts]
     names = sorted({run.recipe for run in runs})
-    return Report(title=f"alignlab report: {', '.join(names)}", runs=runs, table=results_table(runs),
+    table, flags = results_table(runs), report_flags(runs)
+    judge_cells_without_evidence(table, runs, flags)
+    return Report(title=f"alignlab report: {', '.join(names)}", runs=runs, table=table,
                   plots=plots, samples=samples, arena=arenas, stages_table=stages_table(runs),
-                  disagreements=sign_disagreements(runs))
+                  disagreements=sign_disagreements(runs), flags=flags)
 
 
 def to_markdown(report: Report, image_dir: Path) -> str:
@@ -397,6 +487,8 @@ def to_markdown(report: Report, image_dir: Path) -> str:
     if stage_rows:
         lines += ["| " + " | ".join(stage_header) + " |", "|" + "---|" * len(stage_header)]
         lines += ["| " + " | ".join(r) + " |" for r in stage_rows] + [""]
+    if report.flags:
+        lines += ["### Flags", ""] + [f"- ⚠ {line}" for line in flag_lines(report)] + ["", flag_legend(report), ""]
     for label, (arena_header, arena_rows), note in report.arena:
         lines += [f"## Arena: {label}", "", "| " + " | ".join(arena_header) + " |", "|" + "---|" * len(arena_header)]
         lines += ["| " + " | ".join(r) + " |" for r in arena_rows] + (["", note] if note else []) + [""]
@@ -436,6 +528,10 @@ def to_html(report: Report) -> str:
         parts.append("<table class='results'><tr>" + "".join(f"<th>{esc(h)}</th>" for h in stage_header) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in stage_rows]
         parts.append("</table>")
+    if report.flags:
+        parts.append("<h3>Flags</h3><ul class='flags'>" + "".join(f"<li>⚠ {esc(line)}</li>"
+                                                                  for line in flag_lines(report))
+                     + f"</ul><p class='note'>{esc(flag_legend(report))}</p>")
     for label, (arena_header, arena_rows), note in report.arena:
         parts.append(f"<h2>Arena: {esc(label)}</h2><table class='results'><tr>"
                      + "".join(f"<th>{esc(h)}</th>" for h in arena_header) + "</tr>")
@@ -476,6 +572,7 @@ table.samples td { max-width: 320px; white-space: pre-wrap; }
 figure { display: inline-block; margin: 0.5em; } img { max-width: 100%; }
 figcaption, .note { font-size: 0.8em; color: #666; }
 .disagree { color: #a33; }
+ul.flags { background: #fff6e0; border-left: 4px solid #e0a000; padding: 0.6em 0.6em 0.6em 2em; }
 pre { background: #f8f8f8; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 """
 

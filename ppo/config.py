@@ -6,6 +6,8 @@
       data: {path: ../../data/sentiment/prompts_train.jsonl, test_size: 0}
       reward: {scorer: vader}        # a gold scorer spec (preferences.scorers), or {stage: rm}: a reward-model stage
       args: {max_steps: 40, rollout_batch_size: 16, kl_coef: 0.05}
+      gold: auto                     # a gold scorer logged beside the reward; auto: see OnPolicyStage
+      heldout: {path: ../../data/sentiment/prompts_heldout.jsonl}   # for args.keep_best: gold
 
 Without `from:` the policy is a fresh LoRA and the reference is the base model with adapters disabled. Only the
 `train` split of `data` is used (PPO samples its own completions; set `test_size: 0` to train on every prompt).
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from common.config import Recipe, StageConfig, check_reward_stage
+from common.config import DataSpec, Recipe, StageConfig, check_reward_stage
 from common.data import load_splits
 from common.errors import InputError
 
@@ -80,13 +82,17 @@ class PPOArgs:
     num_samples: int = 4
     save_steps: int = 10
     save_total_limit: int = 2
+    # --- which policy the stage saves: the last, or (gold) the one whose mean gold score on the held-out prompts
+    # was highest, measured every keep_best_every steps and at the last step (see OnPolicyStage).
+    keep_best: Literal["last", "gold"] = "last"
+    keep_best_every: int = 10
 
     def check(self, where: str) -> None:
         """Constraints between keys; each error names the key and the fix."""
         check_bounds(self, where,
                      at_least_one=["max_steps", "rollout_batch_size", "minibatch_size", "gradient_accumulation_steps",
                                    "ppo_epochs", "max_new_tokens", "max_nonfinite_steps", "sample_every",
-                                   "save_steps", "save_total_limit"],
+                                   "save_steps", "save_total_limit", "keep_best_every"],
                      positive=["learning_rate", "temperature", "clip_range", "clip_range_value", "max_grad_norm",
                                "kl_horizon"],
                      non_negative=["kl_coef", "vf_coef", "entropy_coef", "warmup_steps", "weight_decay",
@@ -120,8 +126,73 @@ class PPOArgs:
         return self.minibatch_size // self.gradient_accumulation_steps
 
 
+# `gold: auto` (the default): the scorer that labelled the reward model's preferences (see OnPolicyStage.gold_spec).
+AUTO = "auto"
+
+
 @dataclass
-class PPOStage(StageConfig):
+class OnPolicyStage(StageConfig):
+    """The keys PPO and the critic-free family share besides their reward: the gold scorer and held-out prompts.
+
+    `gold`: a gold scorer spec (preferences.scorers, as a preferences stage's `scorer:`). Each step's rollouts are
+    scored by it too and logged as `objective/gold_scores` beside the learned reward `objective/scores`, with
+    `objective/sqrt_kl`: Gao et al. 2022 plot both rewards against sqrt(KL) to see over-optimisation, the proxy
+    rising while the gold peaks and falls. `auto` (the default) takes the scorer of the preferences stage that the
+    reward-model stage(s) in `reward:` were trained on, when there is exactly one such scorer; otherwise, and with a
+    gold scorer as the reward itself (whose score objective/scores already is), no gold is logged. `null`: none.
+
+    `heldout`: the prompts `args.keep_best: gold` samples (every row, or the held-out file where the source has
+    one); unset, the `data` block's test split (data.test_size > 0 or data.test_path). The policy is sampled there
+    with the one sampler at a fixed seed (the same draws at every evaluation, so checkpoints differ only by their
+    weights), scored by `gold`, and the best one is the stage's `adapter/`.
+    """
+
+    gold: str | dict[str, Any] | None = AUTO
+    heldout: DataSpec | None = None
+
+    def reward_stages(self) -> list[str]:
+        """The reward-model stages the reward reads."""
+        raise NotImplementedError
+
+    def references(self) -> list[str]:
+        held_out = [self.heldout.stage] if self.heldout is not None and self.heldout.stage else []
+        return super().references() + held_out
+
+    def gold_spec(self, recipe: Recipe) -> str | dict[str, Any] | None:
+        """The gold scorer spec in force (see the class docstring), or None."""
+        if self.gold != AUTO:
+            return self.gold
+        specs = []
+        for name in self.reward_stages():
+            data = recipe.stages[name].data
+            prefs = recipe.stages.get(data.stage) if data is not None and data.stage else None
+            spec = getattr(prefs, "scorer", None) if prefs is not None and prefs.kind == "preferences" else None
+            if spec is not None and spec not in specs:
+                specs.append(spec)
+        return specs[0] if len(specs) == 1 else None
+
+    def validate_gold(self, recipe: Recipe, where: str) -> None:
+        """The gold scorer, the held-out prompts and keep_best: gold, which needs both."""
+        from preferences.scorers import build_scorer
+
+        if self.gold not in (None, AUTO):
+            build_scorer(self.gold, f"{where}.gold", str(recipe.source))
+        if self.heldout is not None and self.heldout.path:
+            load_splits(self.heldout, recipe, "prompt", f"{where}.heldout")
+        if self.args.keep_best != "gold":
+            return
+        if self.gold_spec(recipe) is None:
+            raise InputError(f"{recipe.source}: {where}.args.keep_best: gold scores held-out samples with a gold "
+                             "scorer, but none is known here (no preferences stage with a scorer behind the reward); "
+                             "set gold: {scorer: ...} on the stage, or keep_best: last")
+        data = self.data
+        if self.heldout is None and not (data.test_path or data.stage or data.test_size > 0):
+            raise InputError(f"{recipe.source}: {where}.args.keep_best: gold needs held-out prompts, and data."
+                             "test_size is 0; set data.test_size (e.g. 0.1), data.test_path, or heldout: {path: ...}")
+
+
+@dataclass
+class PPOStage(OnPolicyStage):
     # `{stage: NAME}`: the reward-model stage NAME scores responses. Anything else is a gold scorer spec, checked
     # by preferences.scorers.build_scorer: {scorer: vader}, {scorer: regex, pattern: "!", cap: 3}, {sum: [...]}.
     reward: dict[str, Any] | None = None
@@ -130,6 +201,9 @@ class PPOStage(StageConfig):
     @property
     def reward_stage(self) -> str | None:
         return (self.reward or {}).get("stage")
+
+    def reward_stages(self) -> list[str]:
+        return [self.reward_stage] if self.reward_stage else []
 
     def references(self) -> list[str]:
         return super().references() + ([self.reward_stage] if self.reward_stage else [])
@@ -154,6 +228,7 @@ class PPOStage(StageConfig):
                 raise InputError(f"{recipe.source}: {where}.reward: {{stage: ...}} takes no other keys, got {extra}; "
                                  "a reward comes from a reward-model stage or from a gold scorer, not both")
             check_reward_stage(recipe, self.reward_stage, f"{where}.reward.stage")
+        self.validate_gold(recipe, where)
         if self.data.path:  # local prompt files are checked row by row now, not after the model has loaded
             load_splits(self.data, recipe, "prompt", f"{where}.data")
 

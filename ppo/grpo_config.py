@@ -10,6 +10,7 @@
       #   - {scorer: regex, pattern: "!", cap: 3, weight: 0.1}        # a gold scorer (preferences.scorers)
       #   - {python: "mypkg.rewards:exact_match", batched: true, name: exact}   # any function
       args: {advantage: grpo, group_size: 8, max_steps: 40}
+      gold: auto                     # and heldout:, as for PPO (ppo.config.OnPolicyStage)
 
 Each source is logged on its own as `rewards/<name>` (name: the `name` key, else the stage, scorer or function
 name). Without `from:` the policy is a fresh LoRA and the reference is the base model with adapters disabled.
@@ -20,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
-from common.config import Recipe, StageConfig, check_reward_stage
+from common.config import Recipe, check_reward_stage
 from common.data import load_splits
 from common.errors import InputError
-from ppo.config import check_bounds, check_minibatches, check_one_base
+from ppo.config import OnPolicyStage, check_bounds, check_minibatches, check_one_base
 
 
 @dataclass
@@ -64,6 +65,8 @@ class GRPOArgs:
     num_samples: int = 4
     save_steps: int = 10
     save_total_limit: int = 2
+    keep_best: Literal["last", "gold"] = "last"
+    keep_best_every: int = 10
 
     def check(self, where: str) -> None:
         """Constraints between keys; each error names the key and the fix."""
@@ -73,7 +76,7 @@ class GRPOArgs:
         check_bounds(self, where,
                      at_least_one=["max_steps", "prompts_per_step", "minibatch_size", "gradient_accumulation_steps",
                                    "num_iterations", "max_new_tokens", "max_nonfinite_steps", "sample_every",
-                                   "save_steps", "save_total_limit"],
+                                   "save_steps", "save_total_limit", "keep_best_every"],
                      positive=["learning_rate", "temperature", "epsilon_low", "epsilon_high", "max_grad_norm"],
                      non_negative=["kl_coef", "warmup_steps", "weight_decay", "num_samples"],
                      positive_or_null=["kl_ceiling"])
@@ -136,16 +139,18 @@ def reward_sources(reward: dict[str, Any] | list[dict[str, Any]], where: str, so
 
 
 @dataclass
-class GRPOStage(StageConfig):
+class GRPOStage(OnPolicyStage):
     reward: dict[str, Any] | list[dict[str, Any]] | None = None
     args: GRPOArgs = field(default_factory=GRPOArgs)
 
+    def reward_stages(self) -> list[str]:
+        if self.reward is None:
+            return []
+        items = self.reward if isinstance(self.reward, list) else [self.reward]
+        return [item["stage"] for item in items if "stage" in item]
+
     def references(self) -> list[str]:
-        stages = []
-        if self.reward is not None:
-            items = self.reward if isinstance(self.reward, list) else [self.reward]
-            stages = [item["stage"] for item in items if "stage" in item]
-        return super().references() + stages
+        return super().references() + self.reward_stages()
 
     def validate(self, recipe: Recipe, where: str) -> None:
         super().validate(recipe, where)
@@ -162,5 +167,6 @@ class GRPOStage(StageConfig):
                 check_reward_stage(recipe, s.stage, f"{where}.reward.stage")
             else:
                 build_scorer(s.scorer, f"{where}.reward", str(recipe.source))
+        self.validate_gold(recipe, where)
         if self.data.path:  # local prompt files are checked row by row now, not after the model has loaded
             load_splits(self.data, recipe, "prompt", f"{where}.data")

@@ -1,8 +1,9 @@
 """The critic-free stage (`kind: grpo`): the one-base model with policy / reference (/ reward) adapters and no value
 function, trained by ppo.grpo_trainer.
 
-Output: `adapter/` (the policy: a PEFT adapter + tokenizer), `metrics.jsonl` (PPO's names where they mean the same,
-plus objective/group_std, objective/no_signal_fraction and rewards/<source>), `samples.jsonl` and `checkpoints/`.
+Output: `adapter/` (the policy: a PEFT adapter + tokenizer; with `args.keep_best: gold` the best one on held-out gold,
+as for PPO), `metrics.jsonl` (PPO's names where they mean the same, gold scores and heldout/... included, plus
+objective/group_std, objective/no_signal_fraction and rewards/<source>), `samples.jsonl` and `checkpoints/`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from common.runs import StageContext, StageResult
 from ppo.adapters import REWARD
 from ppo.grpo_config import GRPOStage, reward_sources
 from ppo.grpo_trainer import GRPOTrainer, RewardTerm
-from ppo.stage import reward_function, run_trainer, save_policy, set_up
+from ppo.stage import final_metrics, reward_function, run_trainer, save_policy, set_up
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,10 @@ def train(cfg: GRPOStage, ctx: StageContext) -> StageResult:
              cfg.args.group_size, base.accelerator.num_processes, base.reference)
 
     final = run_trainer(lambda tracker: GRPOTrainer(cfg.args, base.model, base.tokenizer, base.prompts, rewards,
-                                                    base.accelerator, tracker, ctx.dir, recipe.seed), cfg.args, ctx)
+                                                    base.accelerator, tracker, ctx.dir, recipe.seed, base.gold_fn,
+                                                    base.heldout), cfg.args, ctx)
     save_policy(base, ctx)
     base.accelerator.wait_for_everyone()
-    keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "objective/group_std",
-            "objective/no_signal_fraction", "val/num_eos_tokens")
-    return StageResult(outputs={"adapter": "adapter"}, metrics={k: final[k] for k in keys if k in final})
+    keys = ("objective/scores", "objective/gold_scores", "objective/kl", "objective/sqrt_kl", "objective/rlhf_reward",
+            "objective/entropy", "objective/group_std", "objective/no_signal_fraction", "val/num_eos_tokens")
+    return StageResult(outputs={"adapter": "adapter"}, metrics=final_metrics(final, keys))

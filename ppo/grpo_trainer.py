@@ -13,12 +13,14 @@ group advantages, `num_iterations` clipped-surrogate passes.
             gradients averaged over processes, clipped, AdamW step
 
 The KL is in the loss, not in the reward (GRPO's choice, Shao et al. 2024, sec. 4.1.1): the advantage is the reward's
-alone. Guards, checkpoints and --resume are the shared loop's (ppo.trainer.OnPolicyTrainer).
+alone. Guards, checkpoints, --resume, the gold scores beside the reward and keep_best are the shared loop's
+(ppo.trainer.OnPolicyTrainer).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,10 +50,12 @@ class GRPOTrainer(OnPolicyTrainer):
     kl_hint = ""
 
     def __init__(self, args: GRPOArgs, model: OneBaseModel, tokenizer: Any, prompts: list[Prompt],
-                 rewards: list[RewardTerm], accelerator: Any, tracker: Tracker, stage_dir: Path, seed: int):
+                 rewards: list[RewardTerm], accelerator: Any, tracker: Tracker, stage_dir: Path, seed: int,
+                 gold_fn: RewardFn | None = None, heldout: Sequence[Prompt] = ()):
         minibatches = args.rollout_size // args.minibatch_size
         super().__init__(args, model, tokenizer, prompts, accelerator, tracker, stage_dir, seed,
-                         optimizer_steps=args.max_steps * args.num_iterations * minibatches)
+                         optimizer_steps=args.max_steps * args.num_iterations * minibatches, gold_fn=gold_fn,
+                         heldout=heldout)
         self.rewards = rewards
 
     def training_step(self, step: int) -> dict[str, float]:

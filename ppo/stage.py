@@ -1,13 +1,17 @@
 """The PPO stage: one base model with policy / reference / value (/ reward) adapters, trained by ppo.trainer.
 
-Output: `adapter/` (the policy: a PEFT adapter + tokenizer that `PeftModel.from_pretrained` loads), `value/` (the
-value head, and the value adapter for value_model: separate), `metrics.jsonl` (objective/..., policy/...,
-loss/..., val/..., kl/coef, time/..., perf/tokens_per_s), `samples.jsonl` (completions with their scores every
-`sample_every` steps) and `checkpoints/` (for --resume).
+Output: `adapter/` (the policy: a PEFT adapter + tokenizer that `PeftModel.from_pretrained` loads; with
+`args.keep_best: gold` the policy of the step with the best held-out gold score, not necessarily the last),
+`value/` (the value head, and the value adapter for value_model: separate; always the last step's),
+`metrics.jsonl` (objective/..., with a gold scorer objective/gold_scores, policy/..., loss/..., val/..., kl/coef,
+time/..., perf/tokens_per_s, with keep_best heldout/...), `samples.jsonl` (completions with their scores every
+`sample_every` steps) and `checkpoints/` (for --resume). done.json's metrics say with keep_best which step was
+kept (`heldout/best_step`) and whether it was the last (`heldout/last_is_best`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -17,15 +21,16 @@ import torch
 from accelerate import Accelerator
 
 from common.allocator import return_freed_memory_to_os
-from common.config import StageConfig, autocasts_bf16
-from common.data import load_splits
+from common.config import autocasts_bf16
+from common.data import Splits, load_splits
+from common.errors import InputError
 from common.models import load_tokenizer, resolve_model
 from common.runs import StageContext, StageResult
 from common.sampling import scorer_text
 from common.schema import to_dict
 from common.tracking import Tracker
 from ppo.adapters import POLICY, REWARD, OneBaseModel
-from ppo.config import PPOStage
+from ppo.config import OnPolicyStage, PPOStage
 from ppo.trainer import OnPolicyTrainer, PPOTrainer, Prompt, RewardFn, rollout_prompts
 
 log = logging.getLogger(__name__)
@@ -54,12 +59,15 @@ class OneBase(NamedTuple):
     prompts: list[Prompt]
     model: OneBaseModel
     reference: str  # for the log: where the reference comes from
+    gold_fn: RewardFn | None  # the gold scorer (OnPolicyStage.gold_spec), or None
+    heldout: list[Prompt]  # keep_best: gold's prompts (empty without it)
 
 
-def set_up(cfg: StageConfig, ctx: StageContext, value_model: str, release_freed_memory: bool,
+def set_up(cfg: OnPolicyStage, ctx: StageContext, value_model: str, release_freed_memory: bool,
            value_from: Path | None = None) -> OneBase:
     """The accelerator, tokenizer, encoded prompts (the data's train split) and the one-base model: policy and
-    reference from `from:` (or a fresh policy over the bare base), and the value function `value_model` asks for."""
+    reference from `from:` (or a fresh policy over the bare base), and the value function `value_model` asks for;
+    the gold scorer and, for keep_best: gold, the held-out prompts."""
     recipe, where = ctx.recipe, f"stages.{ctx.name}"
     if release_freed_memory:
         return_freed_memory_to_os()
@@ -75,7 +83,30 @@ def set_up(cfg: StageConfig, ctx: StageContext, value_model: str, release_freed_
     model = OneBaseModel.build(recipe.model, resolved, init_adapter, value_model, accelerator.device,
                                value_from=value_from)
     reference = f"adapter from '{cfg.from_}'" if init_adapter else "the base model (adapters disabled)"
-    return OneBase(accelerator, tokenizer, prompts, model, reference)
+    gold = cfg.gold_spec(recipe)
+    spec = {"scorer": gold} if isinstance(gold, str) else gold  # a scorer's name is a spec too
+    gold_fn = reward_function(spec, f"{where}.gold", ctx, model) if gold is not None else None
+    if gold is not None:
+        log.info("%s: gold scorer %s, logged beside the reward as objective/gold_scores", ctx.name, gold)
+    heldout = held_out_prompts(cfg, ctx, tokenizer, splits) if cfg.args.keep_best == "gold" else []
+    return OneBase(accelerator, tokenizer, prompts, model, reference, gold_fn, heldout)
+
+
+def held_out_prompts(cfg: OnPolicyStage, ctx: StageContext, tokenizer: Any, splits: Splits) -> list[Prompt]:
+    """keep_best's prompts: every row of `heldout:` (its held-out file where the source has one), else the test
+    split of the stage's data."""
+    where = f"stages.{ctx.name}"
+    if cfg.heldout is not None:
+        spec = dataclasses.replace(cfg.heldout, test_size=0.0)
+        splits = load_splits(spec, ctx.recipe, "prompt", f"{where}.heldout",
+                             ctx.run.stage_dir(spec.stage) if spec.stage else None)
+        rows = splits.test if splits.test is not None else splits.train
+    else:
+        rows = splits.test
+    if rows is None or len(rows) == 0:
+        raise InputError(f"{splits.source}: {where}.args.keep_best: gold found no held-out prompts there; set "
+                         "data.test_size or data.test_path, or heldout: {path: ...}")
+    return rollout_prompts(tokenizer, list(rows["prompt"]), splits.source)
 
 
 def run_trainer(make: Callable[[Tracker], OnPolicyTrainer], args: Any, ctx: StageContext) -> dict[str, float]:
@@ -85,6 +116,11 @@ def run_trainer(make: Callable[[Tracker], OnPolicyTrainer], args: Any, ctx: Stag
         return make(tracker).train(resume=ctx.resume)
     finally:
         tracker.close()
+
+
+def final_metrics(final: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """done.json's metrics: `keys` of the last step, and with keep_best which step was kept (heldout/...)."""
+    return {k: v for k, v in final.items() if k in keys or k.startswith("heldout/")}
 
 
 def save_policy(base: OneBase, ctx: StageContext) -> None:
@@ -103,12 +139,13 @@ def train(cfg: PPOStage, ctx: StageContext) -> StageResult:
              cfg.args.rollout_batch_size, base.accelerator.num_processes, base.reference)
 
     final = run_trainer(lambda tracker: PPOTrainer(cfg.args, base.model, base.tokenizer, base.prompts, reward_fn,
-                                                   base.accelerator, tracker, ctx.dir, recipe.seed), cfg.args, ctx)
+                                                   base.accelerator, tracker, ctx.dir, recipe.seed, base.gold_fn,
+                                                   base.heldout), cfg.args, ctx)
 
     save_policy(base, ctx)
     if ctx.is_main:
         base.model.save_value(ctx.dir / "value")
     base.accelerator.wait_for_everyone()
-    keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy", "val/num_eos_tokens")
-    return StageResult(outputs={"adapter": "adapter", "value": "value"},
-                       metrics={k: final[k] for k in keys if k in final})
+    keys = ("objective/scores", "objective/gold_scores", "objective/kl", "objective/sqrt_kl", "objective/rlhf_reward",
+            "objective/entropy", "val/num_eos_tokens")
+    return StageResult(outputs={"adapter": "adapter", "value": "value"}, metrics=final_metrics(final, keys))

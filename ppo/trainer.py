@@ -22,6 +22,13 @@ The loop itself (sampling, micro-batched forward passes, minibatch passes, gradi
 is `OnPolicyTrainer`, shared with the critic-free family in ppo.grpo_trainer; `PPOTrainer` adds the rollout's
 values, GAE, the value loss and the KL controller.
 
+Gold beside the proxy (Gao et al. 2022): with a gold scorer (`gold_fn`), each rollout is scored by it too and logged as
+`objective/gold_scores` beside the learned reward `objective/scores`, with `objective/sqrt_kl`, the x-axis on which
+over-optimisation shows (the proxy keeps rising while the gold peaks and falls). With `args.keep_best: gold` the
+policy is also sampled on held-out prompts every `keep_best_every` steps and at the last step (the one sampler, a
+fixed seed), `heldout/gold_scores` is logged, and the policy with the highest held-out gold (the earliest on a tie)
+is kept, in every checkpoint too, and loaded back at the end: the stage saves it.
+
 Guards: a step whose scores, log-probs, values or losses are not finite is skipped (counted in `guard/...`; the
 learning-rate schedule still advances by the step's share);
 `max_nonfinite_steps` in a row stop the run. A mean KL per response above `kl_ceiling` stops it before the update,
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,7 +56,7 @@ from transformers import get_scheduler
 from common.runs import drop_lines_after
 from common.sampling import SamplingParams, encode_prompts
 from common.tracking import Tracker
-from ppo.adapters import OneBaseModel
+from ppo.adapters import POLICY, OneBaseModel
 from ppo.advantages import gae, global_whiten, masked_mean, per_token_rewards
 from ppo.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
 from ppo.config import PPOArgs
@@ -129,6 +137,7 @@ class Rollout:
     ref_logprobs: Tensor  # log pi_ref(token)
     entropy: Tensor  # entropy of pi_old at each token (a statistic)
     scores: Tensor  # [B] raw scores from the reward
+    gold_scores: Tensor | None = None  # [B] the gold scorer's, when there is one (logged, never trained on)
     values: Tensor | None = None  # V_old(s_t); None without a value function (the critic-free family)
     advantages: Tensor | None = None
     returns: Tensor | None = None
@@ -166,8 +175,9 @@ class PolicySamples:
 class OnPolicyTrainer:
     """The loop PPO and the critic-free family (ppo.grpo_trainer) share: sampling, micro-batched no-grad forward
     passes, the update's minibatch passes with gradients averaged over processes, the guards, checkpoints and
-    resume. A subclass implements `training_step(step) -> metrics` (and, for its own state, `trainer_state` /
-    `load_trainer_state`); `name` prefixes its logs."""
+    resume, the gold beside the proxy and keep_best (module docstring). A subclass implements
+    `training_step(step) -> metrics` (and, for its own state, `trainer_state` / `load_trainer_state`); `name`
+    prefixes its logs."""
 
     name = "ppo"
     # What the guards' messages suggest besides a lower learning rate.
@@ -175,8 +185,12 @@ class OnPolicyTrainer:
     kl_hint = " (or set kl_target)"
 
     def __init__(self, args: Any, model: OneBaseModel, tokenizer: Any, prompts: list[Prompt], accelerator: Any,
-                 tracker: Tracker, stage_dir: Path, seed: int, optimizer_steps: int):
+                 tracker: Tracker, stage_dir: Path, seed: int, optimizer_steps: int, gold_fn: RewardFn | None = None,
+                 heldout: Sequence[Prompt] = ()):
+        if args.keep_best == "gold" and (gold_fn is None or not heldout):
+            raise ValueError(f"{self.name}: keep_best: gold needs a gold scorer and held-out prompts")
         self.args, self.model, self.tokenizer, self.prompts = args, model, tokenizer, prompts
+        self.gold_fn, self.heldout = gold_fn, list(heldout)
         self.accelerator, self.tracker, self.seed = accelerator, tracker, seed
         self.stage_dir, self.checkpoints = stage_dir, stage_dir / "checkpoints"
         if accelerator.is_main_process:
@@ -191,6 +205,10 @@ class OnPolicyTrainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.last_metrics: dict[str, float] = {}
+        # keep_best: gold: {"step", "gold"} of the best held-out evaluation so far and {"last_step", "last_gold"} of
+        # the latest; the best policy's adapter weights (`policy.<key>`, as in trainable_state).
+        self.best: dict[str, float] = {}
+        self.best_policy: dict[str, Tensor] = {}
 
     # --- reductions over processes -------------------------------------------------------------------------------
     def _sum(self, x: Tensor) -> Tensor:
@@ -213,6 +231,8 @@ class OnPolicyTrainer:
         while self.step < args.max_steps:
             step = self.step + 1
             metrics = self.training_step(step)
+            if args.keep_best == "gold" and (step % args.keep_best_every == 0 or step == args.max_steps):
+                metrics |= self.evaluate_heldout(step)
             self.step = step
             self.tracker.log(metrics, step)
             bar.update(1)
@@ -222,6 +242,8 @@ class OnPolicyTrainer:
             if step % args.save_steps == 0 or step == args.max_steps:
                 self.save(step)
         bar.close()
+        if args.keep_best == "gold":
+            return self.last_metrics | self.restore_best()
         return self.last_metrics
 
     def training_step(self, step: int) -> dict[str, float]:
@@ -257,12 +279,21 @@ class OnPolicyTrainer:
         t1 = time.perf_counter()
         scores = score([p.prompt for p in batch], samples.completions).to(self.device)
         t2 = time.perf_counter()
-        per_token = self.per_token(samples, compute)
+        gold = None if self.gold_fn is None else self.gold(batch, samples.completions)
         t3 = time.perf_counter()
+        per_token = self.per_token(samples, compute)
+        t4 = time.perf_counter()
         rollout = Rollout(ids=samples.ids, attention=samples.attention, start=samples.start,
-                          has_eos=samples.has_eos, scores=scores, **per_token)
-        timing = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forward": t3 - t2, "time/rollout": t3 - t0}
+                          has_eos=samples.has_eos, scores=scores, gold_scores=gold, **per_token)
+        timing = {"time/generate": t1 - t0, "time/score": t2 - t1, "time/forward": t4 - t3, "time/rollout": t4 - t0}
+        if gold is not None:
+            timing["time/gold"] = t3 - t2
         return rollout, samples.completions, timing
+
+    def gold(self, batch: Sequence[Prompt], completions: list[str]) -> Tensor:
+        """[B] gold scores of completions to `batch` (the gold scorer is given them as the reward is)."""
+        return torch.as_tensor(self.gold_fn([p.prompt for p in batch], completions), dtype=torch.float32,
+                               device=self.device)
 
     def per_token(self, samples: PolicySamples,
                   compute: Callable[[Tensor, Tensor, int], dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -354,7 +385,10 @@ class OnPolicyTrainer:
         """The step's metrics, over the global batch.
 
         objective/scores: mean raw score (before the missing-EOS penalty, normalisation and clipping);
+        objective/gold_scores (with a gold scorer): mean gold score of the same responses;
         objective/kl: mean over responses of the summed per-token KL estimate (args.kl_estimator_used);
+        objective/sqrt_kl: its square root (0 for a negative estimate), Gao et al. 2022's distance from the
+        initial policy, d = sqrt(KL(pi || pi_init)) per response, on which gold and proxy are plotted;
         objective/non_score_reward: -beta * objective/kl; objective/rlhf_reward: mean of (shaped score - beta * KL),
         the objective PPO maximises; objective/entropy: mean entropy of the policy at the response tokens.
         policy/*, loss/*, val/clipfrac_avg and val/ratio: means over the update's micro-batches;
@@ -367,9 +401,14 @@ class OnPolicyTrainer:
         token_sums = self._sum(torch.stack([torch.where(mask, rollout.entropy, 0.0).sum(), mask.sum().float()]))
         seconds = timing["time/rollout"] + timing["time/train"]
         response_tokens = float(per_response[:, 4].sum())
+        mean_kl = float(per_response[:, 1].mean())
+        gold = {} if rollout.gold_scores is None else {
+            "objective/gold_scores": float(self._gather(rollout.gold_scores).mean())}
         return {
             "objective/scores": float(per_response[:, 0].mean()),
-            "objective/kl": float(per_response[:, 1].mean()),
+            **gold,
+            "objective/kl": mean_kl,
+            "objective/sqrt_kl": math.sqrt(max(mean_kl, 0.0)),
             "objective/non_score_reward": float(-beta * per_response[:, 1].mean()),
             "objective/rlhf_reward": float(per_response[:, 2].mean()),
             "objective/entropy": float(token_sums[0] / token_sums[1]),
@@ -430,19 +469,54 @@ class OnPolicyTrainer:
             f"{self.args.kl_ceiling}; stopped before updating{note}. Last good checkpoint: {good or 'none'}. Raise "
             f"args.kl_coef{self.kl_hint}, lower args.learning_rate, or raise kl_ceiling")
 
+    # --- keep_best: gold -----------------------------------------------------------------------------------------
+    def evaluate_heldout(self, step: int) -> dict[str, float]:
+        """The policy's mean gold score on the held-out prompts, one sample each at a fixed seed (the same random
+        draws at every evaluation, so two evaluations differ by the policy alone); keeps the policy when it beats
+        the best so far. Every process samples and scores all of them, so every process keeps the same one."""
+        args = self.args
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=self.seed)
+        self.model.eval()
+        with self.accelerator.autocast():
+            samples = self.model.sample(self.tokenizer, [p.ids for p in self.heldout], params)
+        gold = float(self.gold(self.heldout, samples.texts).mean())
+        if not self.best or gold > self.best["gold"] or math.isnan(self.best["gold"]):
+            self.best.update(step=step, gold=gold)
+            # A copy: on a CPU, trainable_state's tensors share the live parameters' memory.
+            self.best_policy = {k: v.clone() for k, v in self.model.trainable_state().items()
+                                if k.startswith(f"{POLICY}.")}
+        self.best.update(last_step=step, last_gold=gold)
+        return {"heldout/gold_scores": gold, "heldout/best_step": float(self.best["step"])}
+
+    def restore_best(self) -> dict[str, float]:
+        """Load the best held-out policy back into the model (what the stage then saves); its numbers, and a
+        warning when it is not the last step's policy."""
+        best = self.best
+        self.model.load_trainable_state(self.model.trainable_state() | self.best_policy)
+        if best["step"] != best["last_step"]:
+            log.warning("%s: the last step is not the best: held-out gold peaked at step %d (%.4g), the last step "
+                        "(%d) scored %.4g; the saved adapter is step %d's (keep_best: gold)", self.name,
+                        best["step"], best["gold"], best["last_step"], best["last_gold"], best["step"])
+        return {"heldout/best_step": float(best["step"]), "heldout/best_gold_scores": best["gold"],
+                "heldout/last_gold_scores": best["last_gold"],
+                "heldout/last_is_best": float(best["step"] == best["last_step"])}
+
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "nonfinite_total": self.nonfinite_total, "last_metrics": self.last_metrics}
+                "nonfinite_total": self.nonfinite_total, "last_metrics": self.last_metrics, "best": self.best}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite_in_a_row"], state["nonfinite_total"]
         self.last_metrics = state["last_metrics"]
+        self.best = state.get("best", {})
 
     def save(self, step: int) -> None:
-        save_checkpoint(self.checkpoints, step, self.model.trainable_state(), self.optimizer, self.scheduler,
-                        self.trainer_state(), self.accelerator, keep=self.args.save_total_limit)
+        # The best policy so far travels in the checkpoint (as `best.policy.<key>`), so a resumed run still knows it.
+        trainable = self.model.trainable_state() | {f"best.{k}": v for k, v in self.best_policy.items()}
+        save_checkpoint(self.checkpoints, step, trainable, self.optimizer, self.scheduler, self.trainer_state(),
+                        self.accelerator, keep=self.args.save_total_limit)
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpoints) if self.checkpoints.is_dir() else None
@@ -450,7 +524,8 @@ class OnPolicyTrainer:
             log.info("%s: no checkpoint in %s; starting from step 0", self.name, self.checkpoints)
             return
         trainable, state = load_checkpoint(path, self.optimizer, self.scheduler, self.accelerator)
-        self.model.load_trainable_state(trainable)
+        self.model.load_trainable_state(trainable)  # reads the `policy.` / `value.` / `value_head.` keys only
+        self.best_policy = {k.removeprefix("best."): v for k, v in trainable.items() if k.startswith("best.")}
         self.load_trainer_state(state)
         log.info("%s: resumed from %s (step %d of %d)", self.name, path, self.step, self.args.max_steps)
         if self.accelerator.is_main_process:  # later lines will be written again, by the steps that follow
@@ -461,10 +536,12 @@ class OnPolicyTrainer:
 
 class PPOTrainer(OnPolicyTrainer):
     def __init__(self, args: PPOArgs, model: OneBaseModel, tokenizer: Any, prompts: list[Prompt], reward_fn: RewardFn,
-                 accelerator: Any, tracker: Tracker, stage_dir: Path, seed: int):
+                 accelerator: Any, tracker: Tracker, stage_dir: Path, seed: int, gold_fn: RewardFn | None = None,
+                 heldout: Sequence[Prompt] = ()):
         minibatches = args.rollout_batch_size // args.minibatch_size
         super().__init__(args, model, tokenizer, prompts, accelerator, tracker, stage_dir, seed,
-                         optimizer_steps=args.max_steps * args.ppo_epochs * minibatches)
+                         optimizer_steps=args.max_steps * args.ppo_epochs * minibatches, gold_fn=gold_fn,
+                         heldout=heldout)
         self.reward_fn = reward_fn
         self.kl_ctl = make_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.tracking import read_metrics
-from eval.report import read_run, results_table, write_report
+from eval.report import build_report, read_run, results_table, write_report
 from recipes.runner import RunOptions, run_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,3 +87,14 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(quick_run, tmp_path
         for key, value in metrics.items():
             if not key.startswith(VOLATILE):
                 assert got[stage][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (stage, key)
+
+
+def test_ppo_logs_the_preferences_scorer_as_gold_and_the_report_plots_it(quick_run):
+    # gold: auto (ppo.config.OnPolicyStage): PPO's reward model learned from prefs, which the quick profile scores by
+    # whitespace; PPO scores its own rollouts by that scorer too, beside the reward model's score.
+    recipe = quick_run.recipe
+    assert recipe.stages["ppo"].gold_spec(recipe) == {"scorer": "regex", "pattern": "\\s"}
+    rows = read_metrics(quick_run.stage_dir("ppo") / "metrics.jsonl")
+    assert all("objective/gold_scores" in r and "objective/sqrt_kl" in r for r in rows)
+    captions = [caption for caption, _ in build_report([quick_run.root]).plots]
+    assert "gold and learned reward against √KL: ppo" in captions
