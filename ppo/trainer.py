@@ -520,6 +520,8 @@ class OnPolicyTrainer:
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpoints) if self.checkpoints.is_dir() else None
+        for torn in sorted(self.checkpoints.glob("checkpoint-*.partial")):
+            log.warning("%s: passing over %s: the run was stopped while it was written", self.name, torn)
         if path is None:
             log.info("%s: no checkpoint in %s; starting from step 0", self.name, self.checkpoints)
             return

@@ -38,7 +38,7 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(("time", "perf/"))} for r in rows]
 
 
-def test_killed_and_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_one(tmp_path, caplog):
     reward = {"scorer": "python", "function": "tests.stages.test_ppo_resume:letters_until_killed", "batched": True}
     # An adaptive KL coefficient (its state must survive), a decaying learning rate (the scheduler's too) and an
     # epoch of 12 prompts spanning steps (the data order too).
@@ -53,7 +53,11 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
     assert sorted(p.name for p in (stage / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert not (stage / "done.json").exists()
 
-    run(path, tmp_path / "killed", resume=True)
+    # A checkpoint the kill tore while it was written: passed over, and said so.
+    (stage / "checkpoints" / "checkpoint-4.partial").mkdir()
+    with caplog.at_level("WARNING", logger="ppo.trainer"):
+        run(path, tmp_path / "killed", resume=True)
+    assert any("checkpoint-4.partial: the run was stopped while it was written" in r.message for r in caplog.records)
     resumed, expected = read_metrics(stage / "metrics.jsonl"), read_metrics(whole / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5], "step 3 was logged once, by the resumed run"
     assert comparable(resumed) == comparable(expected)
