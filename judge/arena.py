@@ -178,10 +178,13 @@ def bootstrap_ratings(battles: Sequence[Battle], baseline: str, n_resamples: int
 
 
 def undefeated(battles: Sequence[Battle]) -> list[str]:
-    """Models that never lost a battle (ties allowed): their maximum-likelihood rating is infinite."""
+    """Models that won at least once and never lost (ties allowed): their maximum-likelihood rating is infinite. A
+    model whose battles were all ties has a finite one (every rating equal fits ties best)."""
     models = check_battles(battles)
-    lost = {b.model_b if b.winner == A_WINS else b.model_a for b in battles if b.winner != TIE}
-    return [m for m in models if m not in lost]
+    decided = [b for b in battles if b.winner != TIE]
+    lost = {b.model_b if b.winner == A_WINS else b.model_a for b in decided}
+    won = {b.model_a if b.winner == A_WINS else b.model_b for b in decided}
+    return [m for m in models if m in won and m not in lost]
 
 
 def leaderboard(battles: Sequence[Battle], baseline: str, style_control: bool = False, n_resamples: int = 1000,

@@ -38,6 +38,9 @@ def test_two_models_with_ties_match_the_hand_worked_rating():
 def test_ties_alone_give_equal_ratings():
     battles = [Battle(f"p{i}", "a", "b", "tie") for i in range(4)] + [Battle("p9", "b", "a", "tie")]
     assert fit_ratings(battles, baseline="a", l2=0.0)["b"] == pytest.approx(1000.0, abs=1e-6)
+    # Nobody won, so nobody's rating is unbounded: no model is listed as undefeated (a judge that ties everything).
+    board = leaderboard(battles, baseline="a", n_resamples=20)
+    assert board["undefeated"] == [] and board["note"] == ""
 
 
 def test_known_strengths_are_ordered_and_inside_their_intervals():
