@@ -132,7 +132,8 @@ def contamination_test(model, tokenizer, texts: Sequence[str], shards: int = DEF
     example_ids = tokenizer([t + SEPARATOR for t in texts], add_special_tokens=False)["input_ids"]
     plan = shard_orderings(len(texts), shards, permutations, seed)
     flat = [order for shard in plan for order in shard]
-    scores = score_rows(model, ordering_rows(example_ids, flat, start), len(flat), batch_size=batch_size)
+    scores = score_rows(model, ordering_rows(example_ids, flat, start), len(flat), batch_size=batch_size,
+                        progress=True, desc="contamination: shard orderings")
     totals = np.array([s[0] for s in scores]).reshape(shards, permutations + 1)
     return {"n_examples": len(texts), "shards": shards, "permutations": permutations, "seed": seed,
             **sharded_test(totals[:, 0], totals[:, 1:])}

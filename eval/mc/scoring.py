@@ -236,8 +236,9 @@ class ScoreStats:
 
 
 def score_rows(model, rows: Sequence[Row], n_questions: int, batch_size: int = 8, reuse_prefix: bool = True,
-               progress: bool = False, stats: ScoreStats | None = None) -> list[list[float]]:
-    """Total log-prob of every (question, choice) the rows name, as `scores[question][choice]`."""
+               progress: bool = False, stats: ScoreStats | None = None, desc: str = "mc") -> list[list[float]]:
+    """Total log-prob of every (question, choice) the rows name, as `scores[question][choice]`; `progress` shows a
+    bar labelled `desc`."""
     if batch_size < 1:
         raise InputError(f"mc batch_size: expected a positive integer, got {batch_size}; set batch_size >= 1")
     stats = stats if stats is not None else ScoreStats()
@@ -254,7 +255,7 @@ def score_rows(model, rows: Sequence[Row], n_questions: int, batch_size: int = 8
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), desc="mc", unit="row")
+        bar = tqdm(total=len(rows), desc=desc, unit="row")
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():

@@ -13,26 +13,19 @@ import os
 import re
 import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from common.tracking import read_metrics
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.two_process import REPO, launch_two_cpu_processes
 
 
 def test_two_process_cpu_sft(recipe_file, tmp_path):
     path, runs = recipe_file(), tmp_path / "runs"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", "29631",
-           "-m", "recipes.cli", "run", str(path), "--output-dir", str(runs), "--run-id", "ddp",
-           "--set", "stages.sft.args.max_steps=2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_cpu_processes(29631, "recipes.cli", "run", str(path), "--output-dir", str(runs), "--run-id", "ddp",
+                             "--set", "stages.sft.args.max_steps=2")
     run = runs / "t" / "ddp"
     assert [p.name for p in runs.joinpath("t").iterdir()] == ["ddp"]
     assert json.loads((run / "manifest.json").read_text())["hardware"]["world_size"] == 2
@@ -58,13 +51,8 @@ def test_two_process_quick_chain(tmp_path):
     from recipes.runner import RunOptions, load, run_recipe
 
     runs, audit = tmp_path / "runs", tmp_path / "audit"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", "29633",
-           "-m", "tests.e2e.test_distributed", str(audit), str(runs),
-           "recipes.cli", *QUICK_RUN, "--output-dir", str(runs), "--run-id", "q"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_two_cpu_processes(29633, "tests.e2e.test_distributed", str(audit), str(runs), "recipes.cli",
+                                    *QUICK_RUN, "--output-dir", str(runs), "--run-id", "q", timeout=600)
 
     run = (runs / "sentiment" / "q").resolve()  # the audit records real paths
     recipe = load(QUICK_RUN[1], ["profile=quick"])[0]

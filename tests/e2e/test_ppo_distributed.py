@@ -9,17 +9,19 @@ mean scores (the logged metric is their mean over the global batch). Then the sa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from common.tracking import read_metrics
+from tests.e2e.two_process import (
+    assert_both_ranks_trained_alike,
+    assert_stage_done_with_per_rank_rng,
+    launch_two_cpu_processes,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 
@@ -27,18 +29,10 @@ def test_two_process_ppo_agrees_across_processes(tmp_path):
     from tests.stages.test_ppo_training import ppo_recipe, write_recipe
 
     recipe = write_recipe(tmp_path, ppo_recipe(tmp_path, {"max_steps": 2, "save_steps": 1}))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "recipes/accelerate/cpu-2proc.yaml"), "--main_process_port", "29637",
-           "-m", "tests.e2e.test_ppo_distributed", str(tmp_path), str(recipe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_cpu_processes(29637, "tests.e2e.test_ppo_distributed", str(tmp_path), str(recipe))
 
     # The trainer: identical adapters on both processes after the averaged updates, and moved from the start.
-    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
-    start = load_file(tmp_path / "start.safetensors")
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    assert any(not torch.equal(ranks[0][k], start[k]) for k in start if "lora_B" in k)
+    assert_both_ranks_trained_alike(tmp_path)
     # One metrics row per step, written once, whose score is the mean over both processes' responses.
     rows = read_metrics(tmp_path / "trainer" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -48,11 +42,7 @@ def test_two_process_ppo_agrees_across_processes(tmp_path):
     assert (tmp_path / "trainer" / "checkpoints" / "checkpoint-2" / "rng-rank1.pt").is_file()
 
     # The stage through the runner: one run directory, the policy adapter and per-rank RNG states in checkpoints.
-    stage = tmp_path / "runs" / "t" / "ddp" / "ppo"
-    assert [r["step"] for r in read_metrics(stage / "metrics.jsonl")] == [1, 2]
-    assert (stage / "done.json").is_file() and (stage / "adapter" / "adapter_model.safetensors").is_file()
-    assert {p.name for p in (stage / "checkpoints" / "checkpoint-2").glob("rng-*")} == {"rng-rank0.pt",
-                                                                                      "rng-rank1.pt"}
+    assert_stage_done_with_per_rank_rng(tmp_path / "runs" / "t" / "ddp" / "ppo")
 
 
 def worker(out: Path, recipe: Path) -> None:

@@ -21,7 +21,15 @@ from ppo.trainer import rollout_prompts
 from preferences.scorers import build_scorer
 from recipes.cli import main
 from recipes.runner import RunOptions, load, run_recipe
-from tests.stages.test_ppo_adapters import DEVICE, MODEL, changed, fixed_batch, snapshot
+from tests.stages.test_ppo_adapters import (
+    DEVICE,
+    MODEL,
+    assert_reference_fixed_and_policy_moved,
+    changed,
+    fixed_batch,
+    role_logprobs,
+    snapshot,
+)
 from tests.stages.test_ppo_resume import Killed, comparable, run
 from tests.stages.test_ppo_training import LETTERS, TOPICS, write_prompts, write_recipe
 
@@ -91,11 +99,8 @@ def sft_adapter(tmp_path_factory):
 def test_roles_after_grpo_steps(sft_adapter, tmp_path):
     model = OneBaseModel.build(MODEL, resolve_model(MODEL.base), sft_adapter, "none", DEVICE)
     assert model.value_head is None
-    ids, mask, start = fixed_batch()
-    with torch.no_grad():
-        ref_before = model.reference_logprobs(ids, mask, start, 1.0)
-        policy_before = model.policy_forward(ids, mask, start, 1.0).logprobs
-    assert torch.equal(policy_before, ref_before)
+    before = role_logprobs(model)
+    assert torch.equal(before[1], before[0]), "the policy starts as the reference (the SFT adapter)"
     base = snapshot(model, lambda n: "lora_" not in n)
     reference = snapshot(model, lambda n: f".{REFERENCE}." in n)
     policy = snapshot(model, lambda n: f".{POLICY}." in n)
@@ -104,12 +109,7 @@ def test_roles_after_grpo_steps(sft_adapter, tmp_path):
     assert optimized == {id(p) for n, p in model.peft.named_parameters() if n in policy}, "the policy, nothing else"
     trainer.train()
 
-    with torch.no_grad():
-        ref_after = model.reference_logprobs(ids, mask, start, 1.0)
-        policy_after = model.policy_forward(ids, mask, start, 1.0).logprobs
-    assert torch.equal(ref_after, ref_before), "the reference must not move"
-    assert (policy_after - policy_before).abs().max() > 1e-3, "the policy must move"
-    assert changed(base, model) == [] and changed(reference, model) == []
+    assert_reference_fixed_and_policy_moved(model, before, [base, reference])
     assert any(f".{POLICY}." in n for n in changed(policy, model))
     policy_state = get_peft_model_state_dict(model.peft, adapter_name=POLICY)
     assert set(model.trainable_state()) == {f"{POLICY}.{k}" for k in policy_state}, "no value head in checkpoints"

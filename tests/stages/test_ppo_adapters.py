@@ -72,15 +72,29 @@ def changed(before: dict, model: OneBaseModel) -> list[str]:
     return [n for n, v in before.items() if not torch.equal(params[n], v)]
 
 
+def role_logprobs(model: OneBaseModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's and the policy's log-probs of `fixed_batch`."""
+    ids, mask, start = fixed_batch()
+    with torch.no_grad():
+        return model.reference_logprobs(ids, mask, start, 1.0), model.policy_forward(ids, mask, start, 1.0).logprobs
+
+
+def assert_reference_fixed_and_policy_moved(model: OneBaseModel, before: tuple, frozen: list[dict]) -> None:
+    """After training: `before` (role_logprobs before it) shows the reference where it was and the policy moved, and
+    no weight of the `frozen` snapshots (the base's, the reference adapter's) changed."""
+    ref_after, policy_after = role_logprobs(model)
+    assert torch.equal(ref_after, before[0]), "the reference must not move"
+    assert (policy_after - before[1]).abs().max() > 1e-3, "the policy must move"
+    assert all(changed(weights, model) == [] for weights in frozen)
+
+
 @pytest.mark.parametrize("value_model", ["shared", "separate"])
 def test_roles_after_ppo_steps(sft_adapter, tmp_path, value_model):
     model = OneBaseModel.build(MODEL, resolve_model(MODEL.base), sft_adapter, value_model, DEVICE)
     ids, mask, start = fixed_batch()
-    with torch.no_grad():
-        ref_before = model.reference_logprobs(ids, mask, start, 1.0)
-        policy_before = model.policy_forward(ids, mask, start, 1.0).logprobs
-        with adapters_off(model.peft):
-            base_logprobs = response_logprobs(model.peft, ids, mask, start, 1.0).logprobs
+    with torch.no_grad(), adapters_off(model.peft):
+        base_logprobs = response_logprobs(model.peft, ids, mask, start, 1.0).logprobs
+    ref_before, policy_before = role_logprobs(model)
     # The policy starts as the SFT adapter, which is the reference; the base itself differs from both.
     assert torch.equal(policy_before, ref_before)
     assert (base_logprobs - ref_before).abs().max() > 1e-3
@@ -95,12 +109,7 @@ def test_roles_after_ppo_steps(sft_adapter, tmp_path, value_model):
     assert optimized == expected | {id(p) for p in model.value_head.parameters()}
     trainer.train()
 
-    with torch.no_grad():
-        ref_after = model.reference_logprobs(ids, mask, start, 1.0)
-        policy_after = model.policy_forward(ids, mask, start, 1.0).logprobs
-    assert torch.equal(ref_after, ref_before), "the reference must not move"
-    assert (policy_after - policy_before).abs().max() > 1e-3, "the policy must move"
-    assert changed(base, model) == [] and changed(reference, model) == []
+    assert_reference_fixed_and_policy_moved(model, (ref_before, policy_before), [base, reference])
     moved = changed(trainable, model)
     assert any(f".{POLICY}." in n for n in moved)
     assert not torch.equal(model.value_head.weight, head)
@@ -115,7 +124,8 @@ def test_roles_after_ppo_steps(sft_adapter, tmp_path, value_model):
     reloaded = PeftModel.from_pretrained(load_base_model(MODEL, resolve_model(MODEL.base), training=False),
                                          tmp_path / "adapter").eval().to(DEVICE)
     with torch.no_grad():
-        torch.testing.assert_close(response_logprobs(reloaded, ids, mask, start, 1.0).logprobs, policy_after)
+        torch.testing.assert_close(response_logprobs(reloaded, ids, mask, start, 1.0).logprobs,
+                                   role_logprobs(model)[1])
 
 
 def test_without_sft_the_reference_is_the_base_with_adapters_disabled(tmp_path):
