@@ -4,8 +4,9 @@
 
 Per evaluated model, from the run directory alone: the method (the kind of the stage that trained it; best-of-N and
 the base model by name), the held-out gold reward gain over the eval's reference (SFT) with its 95% bootstrap
-interval over prompts, KL to the reference (nats per completion, from the model's own samples; for best-of-N also
-the analytic bound log N - (N-1)/N), mean length in tokens, and the wall time of the stage that trained it. Then
+interval over prompts, KL to the reference (nats per completion, from the model's own samples; for best-of-N its
+sampled estimate beside the analytic bound log N - (N-1)/N), mean length in tokens, and the wall time of the stage
+that trained it. Then
 the reward-KL Pareto front (no other model has a larger gain at a smaller KL) and, for DPO against PPO, whether each
 family's points are dominated by the other's, the DPO paper's Fig. 2 question. Prints figures, asserts nothing.
 """
@@ -35,8 +36,9 @@ def rows_of(run: RunData) -> list[dict]:
         gain, kl, length = gen.get("gold_reward_vs_ref"), gen.get("kl_to_ref"), gen.get("length_tokens")
         if model == run.eval_reference:  # the origin of the frontier
             gain = {"mean": 0.0, "ci": [0.0, 0.0]}
+        best_of = gen.get("best_of") or {}
         rows.append({"model": model, "method": method_of(run, model), "gain": gain,
-                     "kl": kl["mean"] if kl else None, "kl_bound": (gen.get("best_of") or {}).get("kl_bound"),
+                     "kl": kl["mean"] if kl else best_of.get("kl_estimate"), "kl_bound": best_of.get("kl_bound"),
                      "length": length["mean"] if length else None,
                      "seconds": run.stages.get(model, {}).get("seconds")})
     return rows
