@@ -5,15 +5,16 @@ when the reward has no ties:
 
     KL(best-of-N || pi) <= log N - (N - 1) / N
 
-and is estimated from the samples with the exact best-of-N probability of a discrete reward (Beirami et al. 2024,
-"Theoretical guarantees on the best-of-n alignment policy", lemma 1), the policy's reward CDF being the empirical one
-of all the prompt's samples:
-
-    pi_bon(y) / pi(y) = (F(r)^N - F_(r)^N) / (F(r) - F_(r)),   F(r) = P(R <= r),  F_(r) = P(R < r)
-    KL ~ mean over the selected y of log(pi_bon(y) / pi(y))
-
-With distinct rewards this tends to the bound; with ties it is lower (a reward that cannot tell samples apart
-leaves the policy as it was: KL 0).
+and is estimated from the samples' ties. With a reward that has no ties KL is exactly the bound, whatever the
+reward's distribution: pi_bon(y) / pi(y) = N F(r)^(N-1), F the policy's reward CDF, and F(r) of the best of N is
+Beta(N, 1). Only ties (identical completions, a coarse reward) lower it: a tied value of mass p = F(r) - F_(r),
+F_(r) = P(R < r), is picked with probability F(r)^N - F_(r)^N (Beirami et al. 2024, "Theoretical guarantees on the
+best-of-n alignment policy", lemma 1). So the estimate is the exact KL of each prompt's samples read as such a
+distribution: a value sampled once is a continuous stretch of F of width 1/M (M: the prompt's samples), a value
+sampled c > 1 times an atom of mass c/M; the KL integrates N u^(N-1) log(N u^(N-1)) du over the stretches and adds
+(F^N - F_^N) log((F^N - F_^N) / p) for the atoms, averaged over prompts. Without ties it returns the bound; with one
+value throughout, 0. Plugging the empirical CDF of the N samples themselves in instead would overestimate (for N = 4,
+1.01 where the bound is 0.64), since the best of N samples sits at the top of their own CDF.
 """
 
 from __future__ import annotations
@@ -46,13 +47,31 @@ def select_best(rewards: Tensor, n: int) -> Tensor:
     return offsets + best
 
 
-def kl_estimate(rewards: Tensor, selected: Tensor, n: int) -> float:
-    """The sampled estimate of KL(best-of-N || pi) (module docstring). `rewards` [P, M]: every sample of each prompt;
-    `selected` [P, K]: the selected samples' rewards (each one of its row's values)."""
-    below_or_equal = (rewards[:, None, :] <= selected[:, :, None]).double().mean(dim=2)  # F(r)   [P, K]
-    below = (rewards[:, None, :] < selected[:, :, None]).double().mean(dim=2)  # F_(r)
-    ratio = (below_or_equal**n - below**n) / (below_or_equal - below)
-    return float(torch.log(ratio).mean())
+def kl_estimate(rewards: Tensor, n: int) -> float:
+    """The estimate of KL(best-of-N || pi) from the ties among each prompt's samples (module docstring). `rewards`
+    [P, M]: every sample of each prompt."""
+    per_prompt = []
+    for row in rewards.double():
+        counts = torch.unique(row, sorted=True, return_counts=True)[1].tolist()
+        edges = [0.0, *(torch.tensor(counts).cumsum(0) / len(row)).tolist()]
+        per_prompt.append(sum(_tied(a, b, n) if c > 1 else _untied(a, b, n)
+                              for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)))
+    return sum(per_prompt) / len(per_prompt)
+
+
+def _untied(a: float, b: float, n: int) -> float:
+    """The integral of N u^(N-1) log(N u^(N-1)) over u in [a, b]: u^N log N + (N-1) (u^N log u - u^N / N)."""
+
+    def antiderivative(u: float) -> float:
+        return u**n * math.log(n) + (n - 1) * ((u**n * math.log(u) if u > 0 else 0.0) - u**n / n)
+
+    return antiderivative(b) - antiderivative(a)
+
+
+def _tied(a: float, b: float, n: int) -> float:
+    """An atom of mass b - a whose value best-of-N picks with probability b^N - a^N."""
+    picked = b**n - a**n
+    return picked * math.log(picked / (b - a))
 
 
 def pick(samples: Samples, indices: list[int], per_prompt: int) -> Samples:

@@ -589,7 +589,7 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
         chosen = best_of_n.select_best(rewards, plan.n)
         samples[plan.name] = best_of_n.pick(everything, chosen.flatten().tolist(), n)
         picked[plan.name] = {"policy": plan.policy, "n": plan.n, "kl_bound": best_of_n.kl_bound(plan.n),
-                             "kl_estimate": best_of_n.kl_estimate(rewards, rewards.flatten()[chosen], plan.n)}
+                             "kl_estimate": best_of_n.kl_estimate(rewards, plan.n)}
         results[plan.name] = ModelResult(f"best of {plan.n} samples of {plan.policy} by "
                                          f"{'gold' if plan.reward is None else plan.reward.directory}")
         gold[plan.name] = gen.scorer.score(flat_texts, samples[plan.name].texts) if gen.scorer else None

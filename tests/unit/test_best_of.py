@@ -36,20 +36,29 @@ def test_kl_bound_by_hand():
 
 
 def test_kl_estimate_by_hand():
-    # One prompt, samples with rewards 1 2 3 4 in groups (1, 2), (3, 4), N = 2: the picks are 2 and 4.
-    #   r = 2: F = 2/4, F_ = 1/4: (0.25 - 0.0625) / 0.25 = 0.75, log = -0.2876820725
-    #   r = 4: F = 1,   F_ = 3/4: (1 - 0.5625) / 0.25 = 1.75, log = 0.5596157879
-    # mean 0.1359668577, below the bound log 2 - 1/2 = 0.1931471806.
-    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
-    selected = rewards.flatten()[select_best(rewards, 2)]
-    assert abs(kl_estimate(rewards, selected, 2) - 0.1359668577) < 1e-6
-    # A reward that ties everything cannot move the policy: (1 - 0) / (1 - 0) = 1, KL 0.
-    flat = torch.ones(1, 8, dtype=torch.float64)
-    assert kl_estimate(flat, flat.flatten()[select_best(flat, 4)], 4) == 0.0
+    # Rewards 1, 2, 2, 3 and N = 2: F runs 0 -> 1/4 over the untied 1, 1/4 -> 3/4 over the tied 2s, 3/4 -> 1 over 3.
+    #   untied [a, b]: G(b) - G(a), G(u) = u^2 log 2 + (u^2 log u - u^2 / 2)
+    #     [0, 1/4]: 0.0625 * 0.6931471806 + 0.0625 * (-1.3862943611) - 0.03125 = -0.0745716988
+    #     [3/4, 1]: (0.6931471806 - 0.5) - (0.5625 * 0.6931471806 + 0.5625 * (-0.2876820725) - 0.28125)
+    #               = 0.1931471806 + 0.0531758767 = 0.2463230573
+    #   tied 2s: picked with probability 0.5625 - 0.0625 = 0.5 = their mass: 0.5 * log 1 = 0
+    # KL 0.1717513585, below the bound log 2 - 1/2 = 0.1931471806 (ties lower it).
+    rewards = torch.tensor([[1.0, 2.0, 2.0, 3.0]], dtype=torch.float64)
+    assert abs(kl_estimate(rewards, 2) - 0.1717513585) < 1e-6
+    # Two equally likely values and N = 2 (a Bernoulli(1/2) reward): the better one is picked with probability 3/4,
+    # KL = 0.75 log 1.5 + 0.25 log 0.5 = 0.1308120365.
+    coin = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    assert abs(kl_estimate(coin, 2) - 0.1308120365) < 1e-6
+    # A reward that ties everything cannot move the policy: KL 0; and N = 1 is the policy itself.
+    assert kl_estimate(torch.ones(1, 8, dtype=torch.float64), 4) == 0.0
+    assert kl_estimate(rewards, 1) == 0.0
+    # Prompts are averaged: the tied one (0) with the coin (0.1308120365).
+    assert abs(kl_estimate(torch.cat([torch.ones(1, 4, dtype=torch.float64), coin]), 2) - 0.0654060183) < 1e-6
 
 
-def test_kl_estimate_tends_to_the_bound_with_distinct_rewards():
-    # 4000 samples in groups of 4, distinct rewards: the empirical CDF is close to the true one.
-    rewards = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    selected = rewards.flatten()[select_best(rewards, 4)]
-    assert abs(kl_estimate(rewards, selected, 4) - kl_bound(4)) < 0.05
+def test_kl_estimate_without_ties_is_the_bound_however_few_the_samples():
+    # The best of N samples sits at the top of their own empirical CDF: a plug-in of that CDF would give
+    # log(N (1 - (1 - 1/N)^N)) = 1.006 for N = 4 against the true 0.636. Without ties the estimate is the bound.
+    for n, m in ((4, 4), (16, 16), (64, 64), (4, 4000)):
+        rewards = torch.randn(3, m, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+        assert abs(kl_estimate(rewards, n) - kl_bound(n)) < 1e-9
