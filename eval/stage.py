@@ -603,6 +603,8 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
                                       seed=gen.settings.seed)
         if name in picked:  # KL(best-of-N || its policy): the bound and its sampled estimate
             results[name].gen["best_of"] = picked[name]
+            if picked[name]["policy"] == gen.reference:  # its estimate is its KL to the reference: on the frontier
+                results[name].gen["kl_to_ref"] = {"mean": picked[name]["kl_estimate"], "ci": None}
         results[name].samples = sample_rows(gen.prompts, samples[name], n, gold[name], rm[name], kl.get(name))
     if judge is not None:
         for name in results:

@@ -17,7 +17,7 @@ LETTERS = {"scorer": "regex", "pattern": "[a-z]"}
 
 
 def test_best_of_n_is_evaluated_beside_its_policy(eval_recipe, tmp_path):
-    generation = {**EVAL["generation"], "scorer": LETTERS}
+    generation = {**EVAL["generation"], "scorer": LETTERS, "reference": "sft"}
     path = eval_recipe(models=["sft"], mc=None, judge=None, generation=generation,
                        best_of=[{"policy": "sft", "reward": "gold", "n": 4}])
     stage = run_recipe(path, RunOptions(overrides=[], output_dir=tmp_path / "runs")).stage_dir("eval")
@@ -27,6 +27,8 @@ def test_best_of_n_is_evaluated_beside_its_policy(eval_recipe, tmp_path):
     assert best["best_of"]["n"] == 4 and best["best_of"]["policy"] == "sft"
     assert abs(best["best_of"]["kl_bound"] - (math.log(4) - 0.75)) < 1e-9
     assert 0 <= best["best_of"]["kl_estimate"] <= best["best_of"]["kl_bound"] + 1e-9
+    # Best-of-N of the reference stands on the reward-KL frontier at its estimated KL.
+    assert best["kl_to_ref"] == {"mean": best["best_of"]["kl_estimate"], "ci": None}
     assert best["gold_reward"]["n"] == models["sft"]["gen"]["gold_reward"]["n"], "as many answers as the policy"
     rows = [json.loads(line) for line in (stage / "best_of_4_sft" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == best["gold_reward"]["n"] and all(r["scores"]["kl"] is None for r in rows)
