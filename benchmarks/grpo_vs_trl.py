@@ -10,7 +10,8 @@ gradient_accumulation_steps = --micro-batches; ours: num_iterations 1, minibatch
 and group-std scaling are both trainers' defaults (trl loss_type "dapo", scale_rewards "group").
 
 Each trainer runs in its own process (`--child`), so that its peak RSS (ru_maxrss, loading included) is its own.
-Reported: seconds per step (median over the steps after the first), peak RSS, and the gold (VADER) reward gain over
+Reported: seconds per step (median over the steps after the first), peak RSS at the end of training and at the end of
+the process (after the held-out sampling, the same code for all), and the gold (VADER) reward gain over
 the SFT policy on held-out prompts after the same number of steps: per prompt, the mean over --eval-samples samples
 of the trained policy minus that of the SFT policy (sampled with the same seeds by the same sampler,
 eval.generation.sample_model), with a 95% bootstrap interval over prompts (common.stats.bootstrap_ci).
@@ -114,9 +115,10 @@ def run_ours(args, cfg: ModelConfig, sft: Path) -> dict:
             started = time.perf_counter()
             trainer.training_step(step)
             seconds.append(time.perf_counter() - started)
+    trained_rss = peak_rss_mb()
     model.eval()
     model.peft.set_adapter("policy")
-    return {"seconds": seconds, "gold": heldout_gold(model.peft, tokenizer, args)}
+    return {"seconds": seconds, "train_peak_rss_mb": trained_rss, "gold": heldout_gold(model.peft, tokenizer, args)}
 
 
 def run_trl(args, cfg: ModelConfig, sft: Path) -> dict:
@@ -157,10 +159,12 @@ def run_trl(args, cfg: ModelConfig, sft: Path) -> dict:
         trainer = trainer_cls(model=model, reward_funcs=vader_reward, args=config,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer])
         trainer.train()
+    trained_rss = peak_rss_mb()
     policy = trainer.model
     if "ref" in policy.peft_config:
         policy.delete_adapter("ref")
-    return {"seconds": timer.seconds, "gold": heldout_gold(policy.eval(), tokenizer, args)}
+    return {"seconds": timer.seconds, "train_peak_rss_mb": trained_rss,
+            "gold": heldout_gold(policy.eval(), tokenizer, args)}
 
 
 def run_sft(args, cfg: ModelConfig, sft: Path) -> dict:
@@ -176,7 +180,11 @@ def child(args) -> dict:
     cfg = model_config(args)
     run = {"sft": run_sft, "ours": run_ours, "trl": run_trl}[args.child.split("-")[0]]
     result = run(args, cfg, args.sft)
-    return result | {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return result | {"peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -220,13 +228,14 @@ def main() -> None:
     print(f"\n{args.steps} steps of {args.prompts_per_step} prompts x {args.group_size} completions, "
           f"{args.max_new_tokens} new tokens, lr {args.lr}, beta {args.beta}; held-out gold over SFT on "
           f"{len(sft_gold)} prompts x {args.eval_samples} samples (SFT mean {sft_gold.mean():.4f})")
-    print(f"{'trainer':<10} {'s/step':>8} {'peak RSS MB':>12} {'gold gain':>10}  95% CI")
+    print(f"{'trainer':<10} {'s/step':>8} {'train RSS MB':>13} {'peak RSS MB':>12} {'gold gain':>10}  95% CI")
     for name in args.only:
         r = results[name]
         later = r["seconds"][1:] or r["seconds"]
         gain = np.asarray(r["gold"]) - sft_gold
         low, high = bootstrap_ci(gain)
-        print(f"{name:<10} {statistics.median(later):>8.2f} {r['peak_rss_mb']:>12.0f} {gain.mean():>10.4f}  "
+        print(f"{name:<10} {statistics.median(later):>8.2f} {r['train_peak_rss_mb']:>13.0f} {r['peak_rss_mb']:>12.0f} "
+              f"{gain.mean():>10.4f}  "
               f"[{low:.4f}, {high:.4f}]")
 
 
