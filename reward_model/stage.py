@@ -9,6 +9,11 @@ of Llama 2 (Touvron et al. 2023, eq. 2) and the optional reward-centering term o
 `args.center_rewards_coefficient`, trl recommends 0.01), averaged over the batch. Every trl RewardConfig field is a
 key of the stage's `args` (learning_rate, max_length, center_rewards_coefficient, ...).
 
+Batches (`reward_model.trainer`): `group_by_prompt: true` (stage key, the default) puts the pairs of one prompt in
+the same batch (InstructGPT's batching, Ouyang et al. 2022, sec. 3.5); `false` shuffles pairs one by one, as trl
+does. Either way each distinct sequence of a batch goes through the model once: a completion that appears in
+several pairs (all-pairs sets) is scored once per batch, which with grouped batches halves the default recipe's cost.
+
 `margin: none | gold_gap` (stage key): `gold_gap` sets m = |score_chosen - score_rejected|, the gold-score gap the
 preferences stage stored with each pair; trl uses a `margin` column when the data has one. The absolute value: m
 says how strongly a pair is preferred, not which way, so a flipped (noisy) label gets the margin of its pair and the
@@ -49,7 +54,7 @@ from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import Tensor
-from trl import RewardConfig, RewardTrainer
+from trl import RewardConfig
 
 from common.agreement import gold_agreement, gold_agreement_by_gap
 from common.config import ModelConfig, Recipe, StageConfig, check_policy_source
@@ -59,6 +64,7 @@ from common.models import ResolvedModel, load_base_model, load_tokenizer, lora_c
 from common.runs import StageContext, StageResult, atomic_write_json, train_and_evaluate
 from common.tracking import MetricsCallback, Tracker
 from reward_model.api import HEAD, HEAD_FILE, INFO_FILE, RewardModel
+from reward_model.trainer import GroupedRewardTrainer
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ FINAL_METRICS = ("eval/accuracy", "eval/margin", "loss/eval", "loss/train", "tim
 @dataclass
 class RewardModelStage(StageConfig):
     margin: Literal["none", "gold_gap"] = "none"
+    group_by_prompt: bool = True
 
     trl_config = RewardConfig
 
@@ -150,7 +157,7 @@ def gold_accuracy(rm: RewardModel, pairs: datasets.Dataset) -> dict[str, float]:
 
 
 def build_trainer(cfg: RewardModelStage, ctx: StageContext,
-                  callbacks: list | None = None) -> tuple[RewardTrainer, Splits]:
+                  callbacks: list | None = None) -> tuple[GroupedRewardTrainer, Splits]:
     """The trainer, and the pairs as read (trl's prepared datasets hold prompt + completion in chosen / rejected)."""
     recipe = ctx.recipe
     where = f"stages.{ctx.name}"
@@ -166,9 +173,9 @@ def build_trainer(cfg: RewardModelStage, ctx: StageContext,
     if splits.test is None:
         args.eval_strategy = "no"
     train_ds = with_margin(splits.train, cfg.margin)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds,
-                            eval_dataset=with_margin(splits.test, cfg.margin) if splits.test is not None else None,
-                            processing_class=tokenizer, callbacks=callbacks)
+    test_ds = with_margin(splits.test, cfg.margin) if splits.test is not None else None
+    trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
+                                   processing_class=tokenizer, callbacks=callbacks, group_by_prompt=cfg.group_by_prompt)
     if recipe.model.quantization != "none":
         # trl casts every trainable parameter of a quantized model to bf16 (QLoRA's choice for the LoRA weights;
         # RewardTrainer.__init__), the head too, which then meets hidden states in the model's dtype: undo it there.

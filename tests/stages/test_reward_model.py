@@ -4,6 +4,7 @@ it formats inputs as trl did, and bad pairs stop the CLI before anything is writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.utils.data import RandomSampler
 
 from common.models import load_trainable_model, resolve_model
 from common.runs import Run, StageContext
@@ -18,20 +20,21 @@ from recipes.cli import main
 from recipes.runner import RunOptions, load, run_recipe
 from reward_model.api import HEAD_FILE, RewardModel
 from reward_model.stage import build_trainer
+from reward_model.trainer import PromptGroupedSampler, prompt_groups
 from tests.conftest import sft_rows, write_jsonl
 
 WORDS = "the a film plot cast story scene music light slow long dark old new".split()
 
 
 def marker_pairs(n: int, seed: int, chat: bool = True) -> list[dict]:
-    """Random word salads; the chosen one ends with the marker ':)', the rejected one with ':('. As chat records
-    (what the preferences stage writes) or as text."""
+    """Random word salads; the chosen one ends with the marker ':)', the rejected one with ':('. Two pairs per
+    prompt (a preference set has several). As chat records (what the preferences stage writes) or as text."""
     rng = random.Random(seed)
 
     def text() -> str:
         return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6)))
 
-    rows = [{"prompt": f"Review film {seed}-{i}.", "chosen": f"{text()} :)", "rejected": f"{text()} :(",
+    rows = [{"prompt": f"Review film {seed}-{i // 2}.", "chosen": f"{text()} :)", "rejected": f"{text()} :(",
              "score_chosen": 1.0, "score_rejected": 0.0} for i in range(n)]
     if chat:
         rows = [r | {"prompt": [{"role": "user", "content": r["prompt"]}],
@@ -102,6 +105,15 @@ def test_starts_from_the_sft_adapter_and_formats_inputs_as_trl(trained):
         row = splits.train[i]
         assert rm.encode(row["prompt"], row["chosen"]) == trainer.train_dataset[i]["chosen_ids"]
         assert rm.encode(row["prompt"], row["rejected"]) == trainer.train_dataset[i]["rejected_ids"]
+
+
+def test_batches_hold_each_prompts_pairs_together_unless_asked_to_shuffle_pairs(trained):
+    trainer, splits = build_trainer(trained.recipe.stages["rm"], StageContext(trained, "rm"))
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, PromptGroupedSampler)
+    assert sampler.groups == [[2 * i, 2 * i + 1] for i in range(20)] == prompt_groups(splits.train["prompt"])
+    shuffled = dataclasses.replace(trained.recipe.stages["rm"], group_by_prompt=False)
+    assert isinstance(build_trainer(shuffled, StageContext(trained, "rm"))[0]._get_train_sampler(), RandomSampler)
 
 
 def test_attach_on_the_policy_base_scores_as_load_and_restores_the_policy(trained):
