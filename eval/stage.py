@@ -15,7 +15,8 @@ eval:
   mc: {data: {path: ../../data/mc}, shots: 0, mode: letter, chat_template: false,
        circular: false,             # CircularEval: right only if right under every rotation of the options
        contamination: null}         # {shards: 10, permutations: 20}: Oren et al.'s test on these questions
-  judge: {baseline: sft}          # + any judge key (judge.config); the local judge is the base model
+  judge: {baseline: sft}          # + any judge key (judge.config); the local judge is the base model;
+                                  # samples_per_prompt: k judges each prompt's first k samples (default: all)
   arena: {baseline: base, style_control: true, bootstrap: 1000, cache: judge.sqlite}  # + any judge key
 ```
 
@@ -121,9 +122,12 @@ class ContaminationBlock:
 @dataclass
 class EvalJudge(JudgeConfig):
     """A judge block (judge.config: backend, local / http, templates, cache, ...) plus the model every other model
-    is compared with. A local judge without a model is the recipe's base model."""
+    is compared with. A local judge without a model is the recipe's base model. `samples_per_prompt`: the judge
+    reads each prompt's first k samples only (null: all of them): the gold and learned rewards are cheap enough to
+    take several samples a prompt for tighter intervals, a judge call costs a generation."""
 
     baseline: str = field(kw_only=True)
+    samples_per_prompt: int | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -280,6 +284,12 @@ class MCPlan:
 class JudgePlan:
     config: JudgeConfig
     baseline: str
+    samples_per_prompt: int | None = None
+
+    def rows(self, samples: Sequence[dict]) -> list[dict]:
+        """The samples.jsonl rows the judge reads: each prompt's first `samples_per_prompt` samples."""
+        return [row for row in samples if self.samples_per_prompt is None
+                or row.get("sample", 0) < self.samples_per_prompt]
 
 
 @dataclass
@@ -381,10 +391,13 @@ def judge_plan(block: EvalJudge, recipe: Recipe, where: str, names: Sequence[str
     if block.baseline not in names:
         raise InputError(f"recipe: {where}.baseline '{block.baseline}' is not among the models evaluated "
                          f"({', '.join(names)}); add it to models or choose one of them")
+    if block.samples_per_prompt is not None and block.samples_per_prompt < 1:
+        raise InputError(f"recipe: {where}.samples_per_prompt is {block.samples_per_prompt}; the judge reads at least "
+                         "1 sample a prompt: set a positive number, or null for every sample")
     config = with_paths(block, recipe.resolve_path, where)
     if config.backend == "local" and config.local.model is None:
         config = dataclasses.replace(config, local=dataclasses.replace(config.local, model=recipe.model.base))
-    return JudgePlan(config, block.baseline)
+    return JudgePlan(config, block.baseline, block.samples_per_prompt)
 
 
 def arena_plan(block: EvalArena, recipe: Recipe, where: str, names: Sequence[str]) -> ArenaPlan:
@@ -610,8 +623,8 @@ def evaluate_models(pool: ModelPool, names: Sequence[str], gen: GenerationPlan |
         for name in results:
             if name != judge.baseline:
                 log.info("judge: %s vs %s", name, judge.baseline)
-                results[name].judge = judge_samples(judge.config, results[name].samples,
-                                                    results[judge.baseline].samples, judge.baseline)
+                results[name].judge = judge_samples(judge.config, judge.rows(results[name].samples),
+                                                    judge.rows(results[judge.baseline].samples), judge.baseline)
     return results
 
 
@@ -795,7 +808,7 @@ def train(cfg: EvalStage, ctx: StageContext) -> StageResult:
     if not ctx.is_main:
         return StageResult()  # it sampled its share; the main process scores, judges and writes
     if arena is not None:
-        board = run_arena(arena.judge.config, {name: r.samples for name, r in results.items()},
+        board = run_arena(arena.judge.config, {name: arena.judge.rows(r.samples) for name, r in results.items()},
                           arena.judge.baseline, arena.style_control, arena.bootstrap)
         atomic_write_text(ctx.dir / ARENA_FILE, json.dumps(board, indent=2) + "\n")
     metrics = flat_metrics(results) | {"time/eval": time.perf_counter() - started}

@@ -73,6 +73,8 @@ def bad(case: str, eval_recipe) -> tuple:
         changes["models"] = ["base", "sftt"]
     elif case == "baseline not evaluated":
         changes["judge"] = {"baseline": "dpo"}
+    elif case == "judge reads no sample":
+        changes["judge"] = {"baseline": "sft", "samples_per_prompt": 0}
     elif case == "judge key":
         changes["judge"] = {"baseline": "sft", "cahce": "judge.sqlite"}
     elif case == "prompt missing":
@@ -96,6 +98,7 @@ CASES = {
     "baseline not evaluated": "stages.eval.judge.baseline 'dpo' is not among the models evaluated (base, sft)",
     # A judge key is read as every other key is: the same one-line "did you mean" as the models' typo above.
     "judge key": "unknown key 'cahce' at stages.eval.judge; did you mean 'cache'? valid keys: ",
+    "judge reads no sample": "stages.eval.judge.samples_per_prompt is 0; the judge reads at least 1 sample a prompt",
     "prompt missing": "prompts.jsonl: row 2, field 'prompt' is missing",
     "bad scorer": "stages.eval.generation.scorer",
     "eval of an eval": "stages.eval2.models: 'eval' is an eval stage, which trains no model",
@@ -112,6 +115,16 @@ def test_bad_input_exits_2_before_anything_runs(eval_recipe, tmp_path, capsys, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("alignlab: error: ") and CASES[case] in err[0], err
     assert not runs.exists(), "nothing is written before the input is valid"
+
+
+def test_the_judge_and_the_arena_can_read_each_prompts_first_samples_only(eval_recipe, tmp_path, capsys):
+    first = {"samples_per_prompt": 1, "local": {"batch_size": 4}}
+    path = eval_recipe(judge={"baseline": "sft", **first}, arena={"baseline": "base", "bootstrap": 20, **first})
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "runs")]) == 0
+    # 3 prompts x 2 samples scored; the judges read sample 0 of each prompt.
+    assert "arena: 2 models, 3 pairs of answers, 6 judgements (both orders)" in capsys.readouterr().out
+    base = json.loads((next((tmp_path / "runs").glob("*/*/eval")) / "base" / "results.json").read_text())
+    assert base["gen"]["gold_reward"]["n"] == 6 and base["judge"]["n"] == 3
 
 
 def test_a_swept_stage_in_models_stands_for_all_its_members(eval_recipe):
