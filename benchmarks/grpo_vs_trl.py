@@ -112,7 +112,7 @@ def run_ours(args, cfg: ModelConfig, sft: Path) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer = GRPOTrainer(grpo, model, tokenizer, rollout_prompts(tokenizer, read_prompts(TRAIN), str(TRAIN)),
                               [RewardTerm("vader", 1.0, vader_reward)], Accelerator(cpu=True),
-                              Tracker(Path(out), is_main=False), Path(out), seed=0)
+                              Tracker(Path(out), is_main=False), Path(out), seed=args.seed)
         seconds = []
         for step in range(1, args.steps + 1):
             started = time.perf_counter()
@@ -159,7 +159,7 @@ def run_trl(args, cfg: ModelConfig, sft: Path) -> dict:
                             temperature=args.temperature, top_k=0, top_p=1.0, beta=args.beta, num_iterations=1,
                             epsilon=0.2, gradient_checkpointing=args.gradient_checkpointing, report_to="none",
                             save_strategy="no", logging_steps=1, bf16=False,
-                            use_cpu=not torch.cuda.is_available(), seed=0, shuffle_dataset=True)
+                            use_cpu=not torch.cuda.is_available(), seed=args.seed, shuffle_dataset=True)
         trainer = trainer_cls(model=model, reward_funcs=vader_reward, args=config,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer])
         trainer.train()
@@ -180,7 +180,7 @@ def run_sft(args, cfg: ModelConfig, sft: Path) -> dict:
 
 
 def child(args) -> dict:
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     cfg = model_config(args)
     run = {"sft": run_sft, "ours": run_ours, "trl": run_trl}[args.child.split("-")[0]]
     result = run(args, cfg, args.sft)
@@ -205,6 +205,8 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--eval-prompts", type=int, default=64)
     parser.add_argument("--eval-samples", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the training seed of both trainers (data order, "
+                        "sampling); the held-out evaluation samples with its own fixed seed")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--tiny", action="store_true", help="the tiny random model, 2 steps, few prompts")
@@ -233,7 +235,7 @@ def main() -> None:
     sft_gold = np.asarray(results["sft"]["gold"])
     print(f"\n{args.steps} steps of {args.prompts_per_step} prompts x {args.group_size} completions, "
           f"{args.max_new_tokens} new tokens, lr {args.lr}, beta {args.beta}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}; held-out gold over SFT on "
+          f"{'on' if args.gradient_checkpointing else 'off'}, seed {args.seed}; held-out gold over SFT on "
           f"{len(sft_gold)} prompts x {args.eval_samples} samples (SFT mean {sft_gold.mean():.4f})")
     print(f"{'trainer':<10} {'s/step':>8} {'train RSS MB':>13} {'peak RSS MB':>12} {'gold gain':>10}  95% CI")
     for name in args.only:
