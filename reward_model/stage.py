@@ -12,7 +12,8 @@ key of the stage's `args` (learning_rate, max_length, center_rewards_coefficient
 Batches (`reward_model.trainer`): `group_by_prompt: true` (stage key, the default) puts the pairs of one prompt in
 the same batch (InstructGPT's batching, Ouyang et al. 2022, sec. 3.5); `false` shuffles pairs one by one, as trl
 does. Either way each distinct sequence of a batch goes through the model once: a completion that appears in
-several pairs (all-pairs sets) is scored once per batch, which with grouped batches halves the default recipe's cost.
+several pairs (all-pairs sets) is scored once per batch: with grouped batches a batch of 8 of the default recipe's
+pairs holds ~9 distinct rows instead of 16, and the stage runs about 1.4x faster.
 
 `margin: none | gold_gap` (stage key): `gold_gap` sets m = |score_chosen - score_rejected|, the gold-score gap the
 preferences stage stored with each pair; trl uses a `margin` column when the data has one. The absolute value: m
