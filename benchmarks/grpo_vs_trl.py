@@ -4,10 +4,12 @@ asserts nothing.
 The same setting for all four: SmolLM2-135M-Instruct (the embedded default) with LoRA r=16 continued from an SFT
 adapter (which is also the frozen reference: trl copies it as its "ref" adapter, we hold it as ours), the shipped
 training prompts in the same order, G completions per prompt, the same max new tokens, temperature (no top-k / top-p),
-learning rate, KL coefficient (k3 in the loss, as both do), steps, and the VADER gold scorer as the reward. One step
+learning rate, KL coefficient, steps, and the VADER gold scorer as the reward. One step
 = one generation of prompts_per_step x G completions and one optimizer step over them (trl: steps_per_generation =
 gradient_accumulation_steps = --micro-batches; ours: num_iterations 1, minibatch = the generation). Token-level loss
-and group-std scaling are both trainers' defaults (trl loss_type "dapo", scale_rewards "group"). Gradient
+and group-std scaling are both trainers' defaults (trl loss_type "dapo", scale_rewards "group"). The KL: ours keeps
+it in the loss as k3 weighted by the importance ratio (its gradient the reverse KL's), as trl's GRPOTrainer does by
+default (use_bias_correction_kl); trl's RLOOTrainer subtracts beta * k1 from the reward instead. Gradient
 checkpointing is on for both (trl's GRPOConfig and RLOOConfig default; it trades ~30% more backward time for
 keeping one layer's activations instead of all of them); --no-gradient-checkpointing turns it off for both.
 

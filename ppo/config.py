@@ -56,7 +56,8 @@ class PPOArgs:
     kl_target: float | None = None
     kl_horizon: float = 10000.0
     # true: -beta * KL per token in the reward (Ziegler et al.); false: beta * KL added to the loss instead
-    # (k2 by default; k3 as in GRPO, Shao et al. 2024, eq. 4, follows the gradient of the forward KL(pi_ref || pi)).
+    # (k2 by default; k3, as in GRPO, Shao et al. 2024, eq. 4, weighted by the importance ratio so that its gradient
+    # is the reverse KL's too: ppo.kl.kl_loss_terms).
     kl_in_reward: bool = True
     # --- advantages and losses
     gamma: float = 1.0

@@ -8,7 +8,8 @@ group advantages, `num_iterations` clipped-surrogate passes.
         log-probs    <- policy (old), reference, entropy: no value function
         advantages   <- one per completion from its group (ppo.group_advantages), given to every token
         for iteration in 1 .. num_iterations, for each minibatch (micro-batches accumulate gradients):
-            loss = clipped surrogate (eps_low, eps_high) + kl_coef * KL_k3|k2(pi || pi_ref), aggregated per token,
+            loss = clipped surrogate (eps_low, eps_high) + kl_coef * KL_k3|k2(pi || pi_ref) (k3 importance-weighted:
+                   ppo.kl.kl_loss_terms), aggregated per token,
                    per sequence or by a constant (Shao et al. 2024, eq. 3; Yu et al. 2025, eq. 8-12; Liu et al. 2025)
             gradients averaged over processes, clipped, AdamW step
 
@@ -31,7 +32,7 @@ from common.tracking import Tracker
 from ppo.adapters import OneBaseModel
 from ppo.group_advantages import group_advantages, group_statistics
 from ppo.grpo_config import GRPOArgs
-from ppo.kl import kl_penalty
+from ppo.kl import kl_loss_terms
 from ppo.losses import aggregate, policy_loss
 from ppo.trainer import OnPolicyTrainer, Prompt, RewardFn, Rollout
 
@@ -115,7 +116,7 @@ class GRPOTrainer(OnPolicyTrainer):
         how = {"aggregation": args.loss_aggregation, "constant_length": args.max_new_tokens}
         pg_loss, stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, args.epsilon_low,
                                      args.epsilon_high, **how)
-        kl = aggregate(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator), mask, **how)
+        kl = aggregate(kl_loss_terms(out.logprobs, mb.logprobs, mb.ref_logprobs, mask, args.kl_estimator), mask, **how)
         if not self._backward(pg_loss + args.kl_coef * kl):
             return None
         return {"policy/approxkl_avg": stats["approx_kl"], "policy/clipfrac_avg": stats["clipfrac"],

@@ -19,9 +19,12 @@ x ~ pi (Tang & Munos 2025, "On a Few Pitfalls in KL Divergence Gradient Estimati
     k2:  E_pi[(log p - log p_ref) grad log p]      = grad KL(pi || pi_ref)    the reverse KL of the reward above
     k3:  E_pi[(1 - p_ref / p) grad log p]          = grad KL(pi_ref || pi)    the forward (mass-covering) KL
 
-So in the loss k2 is the one whose gradient is that of the KL the RLHF objective penalises; k3-in-loss (GRPO,
-Shao et al. 2024, eq. 4) pulls pi towards pi_ref too, but along the forward KL. tests/unit/test_ppo_math.py
-checks these three expectations exactly on a small categorical distribution.
+So k3 as it stands (GRPO, Shao et al. 2024, eq. 4) pulls pi towards pi_ref along the forward KL, which raises
+entropy wherever the policy has sharpened. `kl_loss_terms` therefore weights k3 by the importance ratio
+w = p / p_old (1 in value on-policy): grad (w k3) = w (log p - log p_ref) grad log p, whose expectation over
+x ~ pi_old is grad KL(pi || pi_ref), the reverse KL, as for k2 (trl's GRPO default, `use_bias_correction_kl`),
+while the logged value stays k3's unbiased, never negative estimate. tests/unit/test_ppo_math.py checks these
+expectations exactly on a small categorical distribution.
 
 The coefficient `beta` is either fixed or adapted towards a target KL (Ziegler et al. 2019, eq. 2). The
 controllers here hold only a float and are plain Python; `state_dict()` / `load_state_dict()` let a
@@ -67,6 +70,29 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
         log_r = -log_ratio
         return torch.expm1(log_r) - log_r
     raise ValueError(f"kl_penalty: unknown estimator {estimator!r}; expected one of {KL_ESTIMATORS}.")
+
+
+def kl_loss_terms(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                  estimator: str) -> Tensor:
+    """Per-token KL terms to add to a loss (0 on padding), whose gradient through `logprobs` follows the reverse
+    KL(pi || pi_ref) on tokens sampled from pi_old: k2 as it is, k3 weighted by the importance ratio
+    pi / pi_old (see the module docstring).
+
+    Args:
+        logprobs: [B, T] the policy's log-probs of the sampled tokens (with grad).
+        old_logprobs: [B, T] their log-probs at rollout time (no grad).
+        ref_logprobs: [B, T] the reference's.
+        mask: [B, T] true on response tokens.
+        estimator: "k2" or "k3" (k1's gradient averages to zero on-policy).
+    """
+    if estimator not in ("k2", "k3"):
+        raise ValueError(f"kl_loss_terms: estimator must be 'k2' or 'k3' in a loss, got {estimator!r}.")
+    mask = mask.bool()
+    terms = kl_penalty(logprobs, ref_logprobs, estimator)
+    if estimator == "k3":
+        # Zero the log-ratio on padding before exp (as policy_loss does): garbage there must not overflow.
+        terms = terms * torch.where(mask, logprobs - old_logprobs.detach(), 0.0).exp()
+    return torch.where(mask, terms, 0.0)
 
 
 class FixedKLController:

@@ -60,7 +60,7 @@ from ppo.adapters import POLICY, OneBaseModel
 from ppo.advantages import gae, global_whiten, masked_mean, per_token_rewards
 from ppo.checkpoint import checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint, set_aside
 from ppo.config import PPOArgs
-from ppo.kl import kl_penalty, make_kl_controller
+from ppo.kl import kl_loss_terms, kl_penalty, make_kl_controller
 from ppo.losses import policy_loss, value_loss
 
 log = logging.getLogger(__name__)
@@ -626,9 +626,10 @@ class PPOTrainer(OnPolicyTrainer):
         if args.entropy_coef > 0:
             loss = loss - args.entropy_coef * masked_mean(out.entropy, mask)
         if not args.kl_in_reward:
-            # The KL term in the loss: mean per-token estimate, differentiated through the policy's log-probs (which
-            # gradient each estimator follows: ppo/kl.py).
-            loss = loss + beta * masked_mean(kl_penalty(out.logprobs, mb.ref_logprobs, args.kl_estimator_used), mask)
+            # The KL term in the loss: mean per-token term, differentiated through the policy's log-probs along the
+            # reverse KL (ppo/kl.py).
+            loss = loss + beta * masked_mean(kl_loss_terms(out.logprobs, mb.logprobs, mb.ref_logprobs, mask,
+                                                           args.kl_estimator_used), mask)
         values = out.values
         if values is None:
             if not self._backward(loss):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ppo.advantages import gae, masked_mean, masked_var, per_token_rewards, whiten
-from ppo.kl import AdaptiveKLController, FixedKLController, kl_penalty, make_kl_controller
+from ppo.kl import AdaptiveKLController, FixedKLController, kl_loss_terms, kl_penalty, make_kl_controller
 from ppo.losses import policy_loss, value_loss
 
 TOL = 1e-6
@@ -95,6 +95,29 @@ def test_in_loss_kl_gradients_follow_which_kl_on_policy_and_k2_pulls_pi_towards_
     # And the sign per outcome: the most over-weighted outcome (index 3: pi = 0.61 vs pi_ref = 0.30) loses logit
     # mass, the most under-weighted (index 1: pi = 0.05 vs 0.37) gains it.
     assert k2[3] > 0 > k2[1]
+
+
+def test_in_loss_kl_terms_follow_the_reverse_kl_on_policy_for_k2_and_importance_weighted_k3():
+    logits, ref_logits = t([1.0, -0.5, 0.3, 2.0]), t([0.0, 0.4, -1.0, 0.2])
+    reverse = _kl_gradient(logits, ref_logits, reverse=True)
+    for estimator in ("k2", "k3"):
+        theta = logits.clone().requires_grad_(True)
+        logp, ref_logp = theta.log_softmax(-1), ref_logits.log_softmax(-1)
+        # On-policy: pi_old = pi in value (the rollout's log-probs, detached), the samples weighted by pi(x).
+        terms = kl_loss_terms(logp, logp.detach(), ref_logp, torch.ones(4, dtype=torch.bool), estimator)
+        (logp.detach().exp() * terms).sum().backward()
+        close(theta.grad, reverse, tol=1e-12)
+    # The weight changes k3's gradient, never its value on-policy: the logged KL stays k3's estimate.
+    logp, ref_logp = t([-1.0, -2.0]), t([-1.5, -1.0])
+    close(kl_loss_terms(logp, logp, ref_logp, torch.ones(2, dtype=torch.bool), "k3"), [0.1065306597, 0.7182818285])
+    # Off-policy (a later minibatch pass): the value is scaled by pi / pi_old = e^0.5 on the first token; padding
+    # is 0 even where its log-probs would overflow exp.
+    close(kl_loss_terms(logp, t([-1.5, -2.0]), ref_logp, torch.tensor([True, True]), "k3"),
+          [0.1065306597 * math.exp(0.5), 0.7182818285])
+    close(kl_loss_terms(t([-1.0, 500.0]), t([-1.0, -500.0]), t([-1.5, 0.0]), torch.tensor([True, False]), "k3"),
+          [0.1065306597, 0.0])
+    with pytest.raises(ValueError, match="'k2' or 'k3' in a loss"):
+        kl_loss_terms(logp, logp, ref_logp, torch.ones(2, dtype=torch.bool), "k1")
 
 
 def test_kl_penalty_rejects_unknown_estimator_and_shape_mismatch():
