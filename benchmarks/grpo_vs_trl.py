@@ -11,7 +11,10 @@ and group-std scaling are both trainers' defaults (trl loss_type "dapo", scale_r
 it in the loss as k3 weighted by the importance ratio (its gradient the reverse KL's), as trl's GRPOTrainer does by
 default (use_bias_correction_kl); trl's RLOOTrainer subtracts beta * k1 from the reward instead. Gradient
 checkpointing is on for both (trl's GRPOConfig and RLOOConfig default; it trades ~30% more backward time for
-keeping one layer's activations instead of all of them); --no-gradient-checkpointing turns it off for both.
+keeping one layer's activations instead of all of them); --no-gradient-checkpointing turns it off for both. Dropout:
+ours switches every dropout off (the first pass of an update then starts at ratio 1 exactly); trl keeps the SFT
+adapter's LoRA dropout (0.05 in the shipped recipe) in its sampling and its updates unless told disable_dropout:
+--no-trl-dropout runs trl as ours does.
 
 Each trainer runs in its own process (`--child`), so that its peak RSS (ru_maxrss, loading included) is its own.
 Reported: seconds per step (median over the steps after the first), peak RSS at the end of training and at the end of
@@ -160,7 +163,7 @@ def run_trl(args, cfg: ModelConfig, sft: Path) -> dict:
                             num_generations=args.group_size, max_completion_length=args.max_new_tokens,
                             temperature=args.temperature, top_k=0, top_p=1.0, beta=args.beta, num_iterations=1,
                             epsilon=0.2, gradient_checkpointing=args.gradient_checkpointing, report_to="none",
-                            save_strategy="no", logging_steps=1, bf16=False,
+                            save_strategy="no", logging_steps=1, bf16=False, disable_dropout=not args.trl_dropout,
                             use_cpu=not torch.cuda.is_available(), seed=args.seed, shuffle_dataset=True)
         trainer = trainer_cls(model=model, reward_funcs=vader_reward, args=config,
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer])
@@ -210,6 +213,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the training seed of both trainers (data order, "
                         "sampling); the held-out evaluation samples with its own fixed seed")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--trl-dropout", action=argparse.BooleanOptionalAction, default=True,
+                        help="trl keeps the adapter's LoRA dropout (its default); --no-trl-dropout switches it off")
     parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--tiny", action="store_true", help="the tiny random model, 2 steps, few prompts")
     parser.add_argument("--child", choices=("sft", *IMPLEMENTATIONS), help=argparse.SUPPRESS)
@@ -227,8 +232,9 @@ def main() -> None:
         if args.sft is None:
             args.sft = write_stand_in_sft(model_config(args), Path(tmp) / "sft")
         passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                  if k not in ("only", "tiny", "child", "gradient_checkpointing") and v is not None]
+                  if k not in ("only", "tiny", "child", "gradient_checkpointing", "trl_dropout") and v is not None]
         passed.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
+        passed.append("--trl-dropout" if args.trl_dropout else "--no-trl-dropout")
         results = {}
         for name in ("sft", *args.only):
             cmd = [sys.executable, __file__, *passed, *(["--tiny"] if args.tiny else []), "--child", name]
@@ -237,7 +243,8 @@ def main() -> None:
     sft_gold = np.asarray(results["sft"]["gold"])
     print(f"\n{args.steps} steps of {args.prompts_per_step} prompts x {args.group_size} completions, "
           f"{args.max_new_tokens} new tokens, lr {args.lr}, beta {args.beta}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, seed {args.seed}; held-out gold over SFT on "
+          f"{'on' if args.gradient_checkpointing else 'off'}, trl dropout {'on' if args.trl_dropout else 'off'}, "
+          f"seed {args.seed}; held-out gold over SFT on "
           f"{len(sft_gold)} prompts x {args.eval_samples} samples (SFT mean {sft_gold.mean():.4f})")
     print(f"{'trainer':<10} {'s/step':>8} {'train RSS MB':>13} {'peak RSS MB':>12} {'gold gain':>10}  95% CI")
     for name in args.only:
