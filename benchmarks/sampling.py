@@ -243,11 +243,12 @@ def token_counts(samples: Samples, params: SamplingParams, token_budget: int) ->
     """What `Sampler.sample` processed, from its inputs and outputs alone.
 
     Prefill: the batches are the ones the sampler plans (`plan_batches` over the same widths); in each, every
-    distinct prompt is prefilled once (its KV cache copied to its samples' rows), one LM-head position per prompt.
+    distinct prompt is prefilled once (its keys and values held once for its samples), one LM-head position per
+    prompt.
     Decode: `Samples.tokens_processed` is prefill tokens + the rows of every decoding forward pass, so the row-steps
     are the difference. A completion of L tokens needed L - 1 of them (its first token comes from the prefill
     logits, each later one from a forward pass of the token before); the rest are rows that drew their EOS and stay
-    in the batch until a quarter of it has ended (`Sampler._decode`).
+    in the batch until an eighth of it has ended (`Sampler._decode`).
     Context (for attention): a prefilled prompt of P tokens attends to 1 + 2 + ... + P positions (causal; the
     padding the batch computes over is not counted); decoding step t of a completion of a P-token prompt attends to
     P + t + 1; rows kept after their EOS are counted at the mean decoding context.
@@ -297,7 +298,7 @@ def bench_ceiling(model: Any, samples: Samples, seconds: float, params: Sampling
     achieved = total / seconds / 1e9
     print(f"\n[ceiling] the sampler's run of [prefs]; per token: linear layers {body / 1e6:.1f} MFLOP (base shapes, "
           f"LoRA folded), LM head {head / 1e6:.1f} MFLOP where logits are computed, attention {attention} FLOP per "
-          "context position (approx.: causal context, padding and the static cache's unused length not counted)")
+          "context position (approx.: causal context, prompt padding not counted)")
     print(f"prefill: {counts.prefill_tokens} tokens of {counts.prefill_rows} distinct prompts; decode: "
           f"{counts.decode_rows} row-steps (tokens_processed - prefill), of which {counts.useful_decode_rows} before "
           f"EOS (sum of len(token_ids) - 1) and {counts.decode_rows - counts.useful_decode_rows} ended rows not yet "

@@ -7,10 +7,11 @@ Three things live here and nowhere else:
   `encode_prompt` turns it into model input (the chat template with the assistant turn opened); `scorer_text` into
   the text a scorer, a reward model on text or a judge reads. The same record renders the same way in every stage.
 - **Batching by a token budget.** `plan_batches` sorts the (prompt, sample) jobs by prompt length and cuts them into
-  batches whose rows x (longest prompt + max_new_tokens) stay within `token_budget`, the memory a batch may hold in
-  its KV cache; results come back in input order. A wide batch is what makes a CPU (or a GPU) fast here: the
+  batches whose rows x (longest prompt + max_new_tokens) stay within `token_budget`, a bound on the memory a batch
+  holds in its KV cache; results come back in input order. A wide batch is what makes a CPU (or a GPU) fast here: the
   matrix products of one decoding step grow with the rows, the per-step overhead does not.
-- **Sampling.** `Sampler.sample` decodes with a KV cache in a loop of its own (no `generate`): exactly
+- **Sampling.** `Sampler.sample` decodes in a loop of its own (no `generate`), with a KV cache that holds each
+  distinct prompt's keys and values once for all its samples (`common.shared_prompt_cache`): exactly
   softmax(logits / T) (optionally restricted by top_k / top_p), drawn by inverse CDF with one uniform per job and
   step from a random stream of the job's own (seed, prompt index, sample index). So a completion does not depend
   on which batch, process or token budget it was sampled in: re-sharding or re-batching changes nothing, and two
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from common.adapters import adapters_off
 from common.errors import InputError
 from common.generation import pad_left, position_ids, response_logprobs
+from common.shared_prompt_cache import SharedPromptCache, check_context_fits, decoding_attention
 
 log = logging.getLogger(__name__)
 
@@ -387,29 +389,26 @@ class Sampler:
 
     def _decode(self, model: Any, prompts: list[list[int]], jobs: list[int],
                 params: SamplingParams) -> tuple[list[Completion], int]:
-        """Sample one batch: each distinct prompt is prefilled once and its KV cache copied to its jobs' rows; the
-        cache is allocated once (`StaticCache`: a step writes one position instead of copying the whole cache),
-        except under autocast; rows leave the batch after their EOS."""
-        from transformers import DynamicCache, StaticCache
+        """Sample one batch: each distinct prompt (by its tokens: n samples of a prompt, or a prompt repeated as a
+        group) is prefilled once and its keys and values are held once for all its rows (`SharedPromptCache`); rows
+        leave the batch after their EOS."""
+        from transformers import DynamicCache
 
         tok, n, steps = self.tokenizer, params.n, params.max_new_tokens
         device = next(model.parameters()).device
-        distinct = sorted({j // n for j in jobs})
-        ids, mask = pad_left([prompts[i] for i in distinct], tok.pad_token_id, device)
-        row_of_prompt = {prompt: row for row, prompt in enumerate(distinct)}
-        width = ids.shape[1]
-        # Under autocast the keys of the prompt and of later tokens can differ in dtype, which a preallocated cache
-        # cannot hold; the growing cache concatenates (and promotes) instead.
-        cache = (DynamicCache(config=model.config) if torch.is_autocast_enabled(device.type)
-                 else StaticCache(config=model.config, max_cache_len=width + steps))
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=cache,
+        job_prompts = [tuple(prompts[j // n]) for j in jobs]
+        distinct = list(dict.fromkeys(job_prompts))
+        ids, mask = pad_left(distinct, tok.pad_token_id, device)
+        check_context_fits(model, ids.shape[1] + steps)
+        prefill = DynamicCache(config=model.config)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=prefill,
                     use_cache=True, logits_to_keep=1)
         processed = int(mask.sum())
-        # Job rows from prompt rows: the cache, the mask, the last logits and the next positions.
-        expand = torch.tensor([row_of_prompt[j // n] for j in jobs], device=device)
-        _select_cache_rows(cache, expand)
-        logits, mask = out.logits[expand, -1].float(), mask[expand]
-        next_position = position_ids(mask)[:, -1:] + 1
+        row_of_prompt = {prompt: row for row, prompt in enumerate(distinct)}
+        row_prompt = torch.tensor([row_of_prompt[p] for p in job_prompts], device=device)
+        cache = SharedPromptCache(prefill, mask, row_prompt, steps)
+        logits = out.logits[row_prompt, -1].float()
+        next_position = position_ids(mask)[row_prompt, -1:] + 1
         uniforms = torch.stack([job_uniforms(params.seed, j // n, j % n, steps) for j in jobs])
         tokens: list[list[int]] = [[] for _ in jobs]
         logprobs: list[list[float]] = [[] for _ in jobs]
@@ -428,32 +427,24 @@ class Sampler:
             done |= drawn == tok.eos_token_id
             if step == steps - 1 or bool(done.all()):
                 break
-            # Ended rows leave the batch once they are an eighth of it: a copy of the cache costs about a step.
+            # Ended rows leave the batch once they are an eighth of it: the copy costs less than a step.
             if int(done.sum()) * 8 >= len(live):
                 keep = (~done).nonzero().squeeze(-1)
-                live, drawn, done, mask, next_position = (live[keep], drawn[keep], done[keep], mask[keep.to(device)],
-                                                          next_position[keep.to(device)])
-                _select_cache_rows(cache, keep.to(device))
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                live, drawn, done, next_position = live[keep], drawn[keep], done[keep], next_position[keep.to(device)]
+                cache.select_rows(keep.to(device))
             processed += len(live)
-            out = model(input_ids=drawn[:, None].to(device), attention_mask=mask, position_ids=next_position,
-                        past_key_values=cache, use_cache=True,
-                        cache_position=torch.tensor([width + step], device=device))
+            with decoding_attention(model):
+                out = model(input_ids=drawn[:, None].to(device), position_ids=next_position, past_key_values=cache,
+                            use_cache=True, shared_prompts=cache)
+            if cache.attention_calls == 0:
+                raise ValueError(f"sampling: {type(model).__name__}'s attention does not go through transformers' "
+                                 "AttentionInterface, which the sampler's shared-prompt cache needs")
             logits = out.logits[:, -1].float()
             next_position = next_position + 1
         eos = tok.eos_token_id
         completions = [Completion(t, tok.decode(t, skip_special_tokens=True), t[-1] == eos,
                                   logprobs[row] if params.logprobs else None) for row, t in enumerate(tokens)]
         return completions, processed
-
-
-def _select_cache_rows(cache: Any, rows: Tensor) -> None:
-    """Keep (or repeat) the given batch rows of every layer of a KV cache, in that order."""
-    for layer in cache.layers:
-        if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
-            layer.keys, layer.values = layer.keys[rows], layer.values[rows]
-            if hasattr(layer, "batch_size"):
-                layer.batch_size = len(rows)
 
 
 @torch.no_grad()

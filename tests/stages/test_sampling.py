@@ -204,3 +204,19 @@ def test_folded_lora_samples_the_plain_path_tokens_and_leaves_every_weight_as_it
     for completion, values in zip(fast.completions, completion_logprobs(model, fast, TEMPERATURE,
                                                                           tokenizer.pad_token_id), strict=True):
         torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(values), atol=1e-4, rtol=0)
+
+
+def test_a_prompt_given_several_times_is_prefilled_once_and_each_copy_samples_its_own_stream(model, tokenizer, prompts):
+    # A GRPO group: the same prompt as G separate jobs (n = 1), beside another prompt.
+    group = [prompts[1]] * 3 + [prompts[0]]
+    params = SamplingParams(**{**PARAMS.__dict__, "n": 1})
+    samples = Sampler(model, tokenizer, progress=False).sample(group, params)
+    # One new token: no decoding step, so what was processed is the prefill alone, the two distinct prompts once.
+    first = Sampler(model, tokenizer, progress=False).sample(group, SamplingParams(max_new_tokens=1))
+    assert first.tokens_processed == len(prompts[1]) + len(prompts[0])
+    assert len({tuple(c.token_ids) for c in samples.completions[:3]}) == 3
+    alone = Sampler(model, tokenizer, progress=False).sample(group[:1], params)
+    assert samples.completions[0].token_ids == alone.completions[0].token_ids  # job (seed, 0, 0) either way
+    recomputed = completion_logprobs(model, samples, TEMPERATURE, tokenizer.pad_token_id)
+    for completion, values in zip(samples.completions, recomputed, strict=True):
+        torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(values), atol=1e-4, rtol=0)
