@@ -24,6 +24,7 @@ of the trained policy minus that of the SFT policy (sampled with the same seeds 
 eval.generation.sample_model), with a 95% bootstrap interval over prompts (common.stats.bootstrap_ci).
 
     nice -n 10 .venv/bin/python benchmarks/grpo_vs_trl.py --sft runs/sentiment/ID/sft/adapter [--steps 16]
+    .venv/bin/python benchmarks/grpo_vs_trl.py --sft ... --seeds 0 1 2 3 4 5 6 7 --only ours-grpo trl-grpo
     .venv/bin/python benchmarks/grpo_vs_trl.py --tiny      # the tiny random model, 2 steps: checks the script runs
 
 Without --sft a stand-in SFT adapter (random LoRA weights) is written and used.
@@ -209,9 +210,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--eval-prompts", type=int, default=64)
-    parser.add_argument("--eval-samples", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="the training seed of both trainers (data order, "
-                        "sampling); the held-out evaluation samples with its own fixed seed")
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds (data order, sampling), each run by every trainer; the held-out "
+                        "evaluation samples with its own fixed seed")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # a child's one seed
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--trl-dropout", action=argparse.BooleanOptionalAction, default=True,
                         help="trl keeps the adapter's LoRA dropout (its default); --no-trl-dropout switches it off")
@@ -226,36 +229,58 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
-    from common.stats import bootstrap_ci
+    from common.stats import bootstrap_ci, t_interval
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.sft is None:
             args.sft = write_stand_in_sft(model_config(args), Path(tmp) / "sft")
-        passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                  if k not in ("only", "tiny", "child", "gradient_checkpointing", "trl_dropout") and v is not None]
-        passed.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
-        passed.append("--trl-dropout" if args.trl_dropout else "--no-trl-dropout")
+        shared = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                  if k not in ("only", "tiny", "child", "gradient_checkpointing", "trl_dropout", "seeds")
+                  and v is not None]
+        shared.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
+        shared.append("--trl-dropout" if args.trl_dropout else "--no-trl-dropout")
+        # The SFT policy's held-out gold does not depend on the training seed: measured once.
+        runs = [("sft", args.seeds[0])] + [(name, seed) for seed in args.seeds for name in args.only]
         results = {}
-        for name in ("sft", *args.only):
-            cmd = [sys.executable, __file__, *passed, *(["--tiny"] if args.tiny else []), "--child", name]
+        for number, (name, seed) in enumerate(runs, 1):
+            print(f"[{number}/{len(runs)}] {name} seed {seed}", file=sys.stderr, flush=True)
+            cmd = [sys.executable, __file__, *shared, f"--seed={seed}", *(["--tiny"] if args.tiny else []),
+                   "--child", name]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)  # progress: stderr
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    sft_gold = np.asarray(results["sft"]["gold"])
+            results[name, seed] = json.loads(proc.stdout.strip().splitlines()[-1])
+    sft_gold = np.asarray(results["sft", args.seeds[0]]["gold"])
     print(f"\n{args.steps} steps of {args.prompts_per_step} prompts x {args.group_size} completions, "
           f"{args.max_new_tokens} new tokens, lr {args.lr}, beta {args.beta}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, trl dropout {'on' if args.trl_dropout else 'off'}, "
-          f"seed {args.seed}; held-out gold over SFT on "
-          f"{len(sft_gold)} prompts x {args.eval_samples} samples (SFT mean {sft_gold.mean():.4f})")
-    print(f"{'trainer':<10} {'s/step':>8} {'train RSS MB':>13} {'peak RSS MB':>12} {'gold gain':>10}  95% CI")
-    for name in args.only:
-        r = results[name]
+          f"{'on' if args.gradient_checkpointing else 'off'}, trl dropout {'on' if args.trl_dropout else 'off'}; "
+          f"held-out gold over SFT on {len(sft_gold)} prompts x {args.eval_samples} samples "
+          f"(SFT mean {sft_gold.mean():.4f}), 95% bootstrap interval over prompts")
+    print(f"{'trainer':<10} {'seed':>5} {'s/step':>8} {'train RSS MB':>13} {'peak RSS MB':>12} {'gold gain':>10}"
+          "  95% CI")
+    gains: dict[str, list[float]] = {name: [] for name in args.only}
+    for name, seed in runs[1:]:
+        r = results[name, seed]
         later = r["seconds"][1:] or r["seconds"]
         gain = np.asarray(r["gold"]) - sft_gold
         low, high = bootstrap_ci(gain)
-        print(f"{name:<10} {statistics.median(later):>8.2f} {r['train_peak_rss_mb']:>13.0f} {r['peak_rss_mb']:>12.0f} "
-              f"{gain.mean():>10.4f}  "
-              f"[{low:.4f}, {high:.4f}]")
+        gains[name].append(float(gain.mean()))
+        print(f"{name:<10} {seed:>5} {statistics.median(later):>8.2f} {r['train_peak_rss_mb']:>13.0f} "
+              f"{r['peak_rss_mb']:>12.0f} {gain.mean():>10.4f}  [{low:.4f}, {high:.4f}]")
+    if len(args.seeds) > 1:
+        # Runs of a few steps are chaotic (a different draw early sends a run elsewhere), so a trainer's gain is the
+        # mean over seeds, with a Student-t interval over the seeds' gains.
+        print(f"\nover {len(args.seeds)} seeds: mean gold gain, 95% t-interval over seeds")
+        for name, values in gains.items():
+            low, high = t_interval(values)
+            print(f"{name:<10} {np.mean(values):>+8.4f}  [{low:+.4f}, {high:+.4f}]  sd {np.std(values, ddof=1):.4f}")
+        for ours in (n for n in args.only if n.startswith("ours-")):
+            theirs = "trl-" + ours.split("-")[1]
+            if theirs in gains:
+                from scipy.stats import ttest_ind
 
+                welch = ttest_ind(gains[ours], gains[theirs], equal_var=False)
+                low, high = welch.confidence_interval()
+                print(f"{ours} - {theirs}: {np.mean(gains[ours]) - np.mean(gains[theirs]):+.4f}  "
+                      f"Welch 95% [{low:+.4f}, {high:+.4f}], p = {welch.pvalue:.2f}")
 
 if __name__ == "__main__":
     main()
