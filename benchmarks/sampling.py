@@ -3,7 +3,8 @@ machine's matrix-product ceiling, the PPO-rollout and eval shapes, and what one 
 sampling and to a training step. Prints figures, asserts nothing.
 
     nice -n 10 .venv/bin/python benchmarks/sampling.py --adapter runs/sentiment/ID/sft/adapter [--repeats 3]
-        [--contention] [--only prefs ceiling shapes contention] [--prompts 128] [--k 4] [--max-new-tokens 40]
+        [--contention] [--only prefs ceiling shapes forward contention] [--reward-model runs/.../rm/reward_model]
+        [--prompts 128] [--k 4] [--max-new-tokens 40]
     .venv/bin/python benchmarks/sampling.py --tiny --contention     # smoke test on the tiny random model, seconds
 
 The model is SmolLM2-135M-Instruct in float32 with the SFT LoRA adapter given by --adapter (a PEFT adapter dir);
@@ -25,6 +26,10 @@ What it prints, part by part:
   >= 50%).
 - shapes: seconds of before (one batch of all rows) and after for a PPO rollout (16 prompts x 1, T=0.7) and the eval
   stage's sampling (40 held-out prompts x 1, T=1, with log-probs as the eval stage asks).
+- forward: the eval stage's forward-only passes over its samples (--eval-prompts held-out prompts x 4, T=1, sampled
+  once): the reference's log-probs for the KL estimate (`completion_logprobs` with the adapter active) un-folded and
+  folded (`common.lora_folding`, the fold and the restore timed in), and, with --reward-model, reward scoring of the
+  same completions by the saved reward model with its LoRA un-merged and merged (`RewardModel.load`).
 - contention (--contention, not run by default): the prefs workload's sampler and one training step (causal-LM
   forward and backward of 8 x 192 tokens on the LoRA model, AdamW step, float32), each in a subprocess (thread
   settings act only before torch starts), alone and while one busy pure-Python process runs, for torch threads
@@ -74,7 +79,8 @@ from common.sampling import (  # noqa: E402
 )
 
 DATA = ROOT / "recipes" / "data" / "sentiment"
-PARTS = ("prefs", "ceiling", "shapes", "contention")
+PARTS = ("prefs", "ceiling", "shapes", "forward", "contention")
+FORWARD_SAMPLES = 4  # the default eval's samples a prompt
 BEFORE_BATCH_ROWS = 32  # the preferences stage's batch size before the one sampler
 # Thread settings of the contention table: (torch threads, OMP_WAIT_POLICY or None for unset).
 CONTENTION_SETTINGS = [(2, None), (2, "PASSIVE"), (1, None), (1, "PASSIVE")]
@@ -336,7 +342,50 @@ def bench_shapes(model: Any, tokenizer: Any, sizes: Sizes, repeats: int) -> None
         print(f"{name:<36} {before:>9.2f} {after:>9.2f} {before / after:>8.2f}x")
 
 
-# --- part 4: contention ---------------------------------------------------------------------------------------
+# --- part 4: forward-only passes ---------------------------------------------------------------------------
+
+def bench_forward(model: Any, tokenizer: Any, sizes: Sizes, repeats: int, reward_model: Path | None) -> None:
+    from peft import PeftModel
+
+    from common.lora_folding import folded_lora
+    from common.sampling import completion_logprobs, scorer_text
+    from reward_model.api import RewardModel
+
+    prompts = [json.loads(line)["prompt"] for line in (DATA / "prompts_heldout.jsonl").read_text().splitlines()]
+    prompts = prompts[:sizes.eval_prompts]
+    params = SamplingParams(max_new_tokens=sizes.max_new_tokens, temperature=1.0, n=FORWARD_SAMPLES, seed=1)
+    samples = sample_after(model, tokenizer, encode_prompts(tokenizer, prompts, "eval"), params)
+    pad = tokenizer.pad_token_id
+
+    def folded() -> None:
+        with folded_lora(model):
+            completion_logprobs(model, samples, 1.0, pad)
+
+    rows = [("reference log-probs (KL)", lambda: completion_logprobs(model, samples, 1.0, pad), folded)]
+    if reward_model is not None:
+        merged = RewardModel.load(reward_model, model_config(sizes))
+        base = load_base_model(model_config(sizes), resolve_model(sizes.model), task="seq-cls", training=False)
+        info = RewardModel.read_info(reward_model)
+        unmerged = RewardModel.from_classifier(PeftModel.from_pretrained(base, str(reward_model)).eval(),
+                                               merged.tokenizer, info["chat"], info["max_length"])
+        texts = [scorer_text(p) for p in prompts for _ in range(FORWARD_SAMPLES)]
+        rows.append(("reward scores", lambda: unmerged.score(texts, samples.texts),
+                     lambda: merged.score(texts, samples.texts)))
+    print(f"\n[forward] the eval's passes over {len(samples.completions)} completions ({sizes.eval_prompts} held-out "
+          f"prompts x {FORWARD_SAMPLES}); LoRA un-folded vs folded (fold and restore included) / merged; median of "
+          f"{repeats} after a warm-up")
+    print(f"{'pass':<26} {'LoRA s':>8} {'folded s':>9} {'speed-up':>9}")
+    for name, plain, fast in rows:
+        plain(), fast()  # warm-up
+        plain_s, fast_s = [], []
+        for _ in range(repeats):
+            plain_s.append(timed(plain)[0])
+            fast_s.append(timed(fast)[0])
+        before, after = statistics.median(plain_s), statistics.median(fast_s)
+        print(f"{name:<26} {before:>8.2f} {after:>9.2f} {before / after:>8.2f}x")
+
+
+# --- part 5: contention ---------------------------------------------------------------------------------------
 
 def training_batch(tokenizer: Any, rows: int, tokens: int) -> dict[str, torch.Tensor]:
     """`rows` SFT conversations padded (or cut) to exactly `tokens` tokens, labels = inputs off the padding."""
@@ -402,9 +451,10 @@ def bench_contention(sizes: Sizes, repeats: int, worker_args: list[str]) -> None
         print(f"{threads:>7} {wait_policy or 'unset':>15} | {cells[0]} | {cells[1]}")
 
 
-def run_in_process(policy: tuple[Any, Any], parts: list[str], sizes: Sizes, repeats: int) -> None:
+def run_in_process(policy: tuple[Any, Any], parts: list[str], sizes: Sizes, repeats: int,
+                   reward_model: Path | None) -> None:
     """The parts that time in this process, on one loaded model: prefs, ceiling (on prefs' sampler run, or its own
-    when prefs is not asked for) and shapes."""
+    when prefs is not asked for), shapes and forward."""
     model, tokenizer = policy
     after_s, samples = None, None
     if "prefs" in parts:
@@ -417,6 +467,8 @@ def run_in_process(policy: tuple[Any, Any], parts: list[str], sizes: Sizes, repe
         bench_ceiling(model, samples, after_s, params, sizes)
     if "shapes" in parts:
         bench_shapes(model, tokenizer, sizes, repeats)
+    if "forward" in parts:
+        bench_forward(model, tokenizer, sizes, repeats, reward_model)
 
 
 # --- main -------------------------------------------------------------------------------------------------------
@@ -424,6 +476,8 @@ def run_in_process(policy: tuple[Any, Any], parts: list[str], sizes: Sizes, repe
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", type=Path, help="the SFT stage's PEFT adapter dir (default: a random stand-in)")
+    parser.add_argument("--reward-model", type=Path, help="a reward_model stage's reward_model dir: the forward "
+                        "part also times its scores")
     parser.add_argument("--prompts", type=int, help="prompts of the prefs workload (default 128)")
     parser.add_argument("--k", type=int, help="completions per prompt (default 4)")
     parser.add_argument("--max-new-tokens", type=int, help="new tokens per completion (default 40)")
@@ -458,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
               f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
               f"bf16 matmuls native (AMX): {native_bf16()}")
         if set(parts) - {"contention"}:
-            run_in_process(load_policy(cfg, adapter), parts, sizes, args.repeats)
+            run_in_process(load_policy(cfg, adapter), parts, sizes, args.repeats, args.reward_model)
         if "contention" in parts:
             worker_args = ["--adapter", str(adapter), "--prompts", str(sizes.prompts), "--k", str(sizes.k),
                            "--max-new-tokens", str(sizes.max_new_tokens), "--repeats", str(args.repeats)]

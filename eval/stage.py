@@ -53,6 +53,7 @@ from common.adapters import using
 from common.config import DataSpec, ModelConfig, Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
+from common.lora_folding import folded_lora
 from common.runs import StageContext, StageResult, atomic_write_text
 from common.sampling import DEFAULT_TOKEN_BUDGET, Prompt, Samples, encode_prompts, scorer_text, shard_of
 from common.schema import to_dict, unknown_key_error
@@ -479,7 +480,8 @@ class ModelPool:
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[tuple[Any, Any]]:
-        """(model, tokenizer) as the model `name`."""
+        """(model, tokenizer) as the model `name`, for forward passes only: its LoRA adapter is folded into the base
+        weights for the block (`common.lora_folding`: one fold for all of the block's sampling, MC and KL passes)."""
         from peft import PeftModel
 
         source = self.sources[name]
@@ -489,7 +491,8 @@ class ModelPool:
         model = self._model
         adapter = self._adapters[name] if source.adapter is not None else None  # None: the base, adapters off
         with using(model, adapter) if isinstance(model, PeftModel) else contextlib.nullcontext():
-            yield model, self._tokenizer
+            with folded_lora(model):
+                yield model, self._tokenizer
 
     def close(self) -> None:
         self._model = self._tokenizer = self._key = None

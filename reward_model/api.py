@@ -88,11 +88,15 @@ class RewardModel:
 
     @classmethod
     def load(cls, directory: str | Path, model_cfg: ModelConfig) -> RewardModel:
-        """The reward model on its own base (the recipe's `model` block), in sequence-classification form."""
+        """The reward model on its own base (the recipe's `model` block), in sequence-classification form, for
+        scoring only: on an unquantized base its LoRA is merged into the weights (a base of its own, so nothing to
+        restore), and a forward pass costs the base model's, not the base's plus the adapter's (~20% less on a CPU)."""
         info = cls.read_info(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         base = load_base_model(model_cfg, resolve_model(model_cfg.base), task="seq-cls", training=False)
         model = PeftModel.from_pretrained(base, str(directory)).eval()
+        if model_cfg.quantization == "none":  # merging into 4/8-bit weights would re-quantize them
+            model = model.merge_and_unload()
         return cls.from_classifier(model, tokenizer, info["chat"], info["max_length"])
 
     @classmethod

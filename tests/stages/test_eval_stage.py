@@ -149,3 +149,34 @@ def test_eval_stage_with_an_arena_circular_eval_and_a_contamination_test(eval_re
     mc = json.loads((ev / "sft" / "results.json").read_text())["mc"]
     assert mc["circular"]["n"] == 3 and mc["circular"]["accuracy"] <= mc["acc"]["accuracy"]
     assert mc["contamination"]["test"] == "permutation" and mc["contamination"]["n_examples"] == 3
+
+
+def test_the_model_pool_runs_an_adapter_folded_and_gives_the_weights_back_bit_for_bit(tmp_path):
+    import torch
+    from peft import get_peft_model
+
+    from common.config import LoraSpec, ModelConfig
+    from common.models import load_base_model, load_for_inference, lora_config, resolve_model
+    from eval.stage import ModelPool, ModelSource
+
+    cfg = ModelConfig(base="tiny-random-llama", dtype="float32", lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    resolved = resolve_model(cfg.base)
+    config = lora_config(cfg.lora)
+    config.init_lora_weights = False  # a random B: the adapter changes the logits
+    torch.manual_seed(0)
+    get_peft_model(load_base_model(cfg, resolved, training=False), config).save_pretrained(tmp_path / "adapter")
+    unfolded = load_for_inference(cfg, resolved, tmp_path / "adapter")
+    probe = torch.tensor([[5, 40, 41, 42, 43, 7]])
+    pool = ModelPool([ModelSource("policy", cfg, tmp_path / "adapter"), ModelSource("base", cfg)])
+    with torch.no_grad():
+        with pool.use("base") as (model, _):
+            base_logits = model(input_ids=probe).logits
+            weights = {name: value.clone() for name, value in model.state_dict().items()}
+        with pool.use("policy") as (model, _):
+            assert all(layer.disable_adapters for layer in model.modules() if hasattr(layer, "lora_A"))  # folded
+            torch.testing.assert_close(model(input_ids=probe).logits, unfolded(input_ids=probe).logits, atol=1e-5,
+                                       rtol=0)
+        assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+        with pool.use("base") as (model, _):
+            assert torch.equal(model(input_ids=probe).logits, base_logits)
+    pool.close()

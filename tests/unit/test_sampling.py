@@ -1,5 +1,5 @@
 """common.sampling's pure parts on cases worked by hand: prompt rendering for scorers, token-budget batches, the
-per-job random streams, the inverse-CDF draw under top_k / top_p and the exactly undone LoRA fold."""
+per-job random streams, the inverse-CDF draw under top_k / top_p."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from common.errors import InputError
 from common.sampling import (
-    add_exactly,
     as_messages,
     completion_text,
     draw_tokens,
@@ -18,7 +17,6 @@ from common.sampling import (
     job_uniforms,
     plan_batches,
     scorer_text,
-    subtract_exactly,
 )
 
 TRANSCRIPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Review Alien."},
@@ -95,30 +93,3 @@ def test_inverse_cdf_in_blocks_finds_what_one_cumulative_sum_finds():
     cdf = probs.double().cumsum(-1)
     expected = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
     assert torch.equal(inverse_cdf(probs, u, block=7), expected)
-
-
-def test_add_exactly_is_undone_bit_for_bit_and_keeps_only_the_elements_subtraction_gets_wrong():
-    ulp = 2.0 ** -23
-    # 1 + 2^-24 ties to even (1.0), which subtracts to 1 - 2^-24; (1 + ulp) + 1 crosses into [2, 4), where the
-    # spacing is 2 ulp, ties to 2.0 and subtracts to 1.0; -0.0 + 0.0 is +0.0 (equal as values, not as bits). Kept by
-    # subtraction: 0.1 + 1e-9 (0.1's exponent), and a NaN weight, which stays the same NaN.
-    original = torch.tensor([1.0, 1.0 + ulp, -0.0, 0.1, float("nan")])
-    delta = torch.tensor([2.0 ** -24, 1.0, 0.0, 1e-9, 0.5])
-    weight = original.clone()
-    index, values = add_exactly(weight, delta)
-    torch.testing.assert_close(weight[:4], original[:4] + delta[:4], rtol=0, atol=0)
-    assert index.tolist() == [0, 1, 2]
-    subtract_exactly(weight, delta, (index, values))
-    assert torch.equal(weight.view(torch.int32), original.view(torch.int32))
-
-
-def test_add_exactly_on_a_realistic_lora_delta_stores_a_small_fraction_and_restores_every_bit():
-    generator = torch.Generator().manual_seed(0)
-    original = torch.randn(256, 128, generator=generator) * 0.05
-    # A rank-4 delta about 0.4% of the weight in size, as a trained LoRA's is.
-    delta = (torch.randn(256, 4, generator=generator) @ torch.randn(4, 128, generator=generator)) * 1e-4
-    weight = original.clone()
-    index, values = add_exactly(weight, delta)
-    assert 0 < len(index) < original.numel() // 50
-    subtract_exactly(weight, delta, (index, values))
-    assert torch.equal(weight.view(torch.int32), original.view(torch.int32))
