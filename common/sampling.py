@@ -17,6 +17,8 @@ Three things live here and nowhere else:
   on which batch, process or token budget it was sampled in: re-sharding or re-batching changes nothing, and two
   models given the same seed see the same random numbers (common random numbers make their differences less
   noisy). Rows that have ended (EOS) leave the batch and its cache, so short completions stop costing compute.
+  The draw (`common.token_draw`) runs fused with the LM head where the model's head is plain, so the
+  [rows, vocabulary] logits of a step are never held.
   A LoRA adapter is folded into the base weights for the duration of the call (`common.lora_folding`), so each decoding
   step runs one matrix product per linear layer instead of three; the weights are restored bit for bit after.
 
@@ -43,6 +45,7 @@ from common.errors import InputError
 from common.generation import pad_left, position_ids, response_logprobs
 from common.lora_folding import folded_lora
 from common.shared_prompt_cache import SharedPromptCache, check_context_fits, decoding_attention
+from common.token_draw import HeadDraw, draw_tokens, plain_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -134,55 +137,6 @@ def job_uniforms(seed: int, prompt_index: int, sample_index: int, steps: int) ->
     digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
     return torch.rand(steps, generator=generator, dtype=torch.float64)
-
-
-def draw_tokens(logits: Tensor, uniforms: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                with_logprobs: bool = False) -> tuple[Tensor, Tensor | None]:
-    """One token per row from softmax(logits / T) restricted to the top_k tokens and the top_p nucleus (0 and 1.0:
-    unrestricted), by inverse CDF: the first token whose cumulative probability exceeds the row's uniform.
-
-    Returns the tokens and, with `with_logprobs`, their log-probs under the full (unrestricted) softmax(logits / T).
-    The probabilities are float32 like the logits, their cumulative sums float64 (`inverse_cdf`), so that over a
-    50k-token vocabulary a token's share of [0, 1) is its probability to ~1e-7 rather than the ~1e-3 a float32 sum
-    can drift.
-    """
-    z = logits.float() / temperature if temperature != 1.0 else logits.float()
-    probs = torch.softmax(z, dim=-1)
-    picked_probs = probs
-    if top_k > 0 and top_k < z.shape[-1]:
-        kth = torch.topk(probs, top_k, dim=-1).values[:, -1:]
-        probs = probs.masked_fill(probs < kth, 0.0)
-    if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p (Holtzman et al. 2020): a token stays
-        # if the mass of the tokens more likely than it is still below top_p.
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= top_p * sorted_probs.sum(-1, keepdim=True), 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    tokens = inverse_cdf(probs, uniforms.to(probs.device))
-    if not with_logprobs:
-        return tokens, None
-    return tokens, torch.log(picked_probs.gather(-1, tokens[:, None]).squeeze(-1))
-
-
-def inverse_cdf(probs: Tensor, uniforms: Tensor, block: int = 256) -> Tensor:
-    """For each row, the first index whose cumulative (unnormalised) probability exceeds uniform * the row's total.
-
-    In two levels, so that the whole [rows, vocabulary] tensor is read once, by a vectorised sum: sums of blocks of
-    `block` tokens (float32 sums of 256 terms, exact to ~1e-7 of the block), their float64 cumulative sum to find each
-    row's block, then the float64 cumulative sum within that block alone.
-    """
-    rows, vocab = probs.shape
-    if vocab % block:
-        probs = torch.nn.functional.pad(probs, (0, block - vocab % block))
-    blocks = probs.view(rows, -1, block)
-    block_cdf = blocks.sum(-1).double().cumsum(-1)
-    target = uniforms * block_cdf[:, -1]
-    which = torch.searchsorted(block_cdf, target[:, None], right=True).squeeze(-1).clamp_(max=block_cdf.shape[1] - 1)
-    before = torch.where(which > 0, block_cdf.gather(-1, (which - 1).clamp(min=0)[:, None]).squeeze(-1), 0.0)
-    inside = blocks[torch.arange(rows, device=probs.device), which].cumsum(-1, dtype=torch.float64)
-    offset = torch.searchsorted(inside, (target - before)[:, None], right=True).squeeze(-1).clamp_(max=block - 1)
-    return (which * block + offset).clamp_(max=vocab - 1)
 
 
 # --- samples ----------------------------------------------------------------------------------------------------
@@ -337,13 +291,14 @@ class Sampler:
         ids, mask = pad_left(distinct, tok.pad_token_id, device)
         check_context_fits(model, ids.shape[1] + steps)
         prefill = DynamicCache(config=model.config)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), past_key_values=prefill,
-                    use_cache=True, logits_to_keep=1)
+        head = NextTokens(model, params, len(jobs))
+        state = head.forward(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                             past_key_values=prefill, use_cache=True)
         processed = int(mask.sum())
         row_of_prompt = {prompt: row for row, prompt in enumerate(distinct)}
         row_prompt = torch.tensor([row_of_prompt[p] for p in job_prompts], device=device)
         cache = SharedPromptCache(prefill, mask, row_prompt, steps)
-        logits = out.logits[row_prompt, -1].float()
+        state = state[row_prompt]
         next_position = position_ids(mask)[row_prompt, -1:] + 1
         uniforms = torch.stack([job_uniforms(params.seed, j // n, j % n, steps) for j in jobs])
         tokens: list[list[int]] = [[] for _ in jobs]
@@ -351,8 +306,7 @@ class Sampler:
         live = torch.arange(len(jobs))  # the batch's rows -> their index in `jobs`
         done = torch.zeros(len(jobs), dtype=torch.bool)  # rows that have drawn their EOS (until they leave)
         for step in range(steps):
-            drawn, picked = draw_tokens(logits, uniforms[live, step], params.temperature, params.top_k, params.top_p,
-                                        with_logprobs=params.logprobs)
+            drawn, picked = head.draw(state, uniforms[live, step])
             drawn = drawn.cpu()
             rows, drawn_list = live.tolist(), drawn.tolist()
             picked_list = picked.tolist() if picked is not None else None
@@ -370,17 +324,41 @@ class Sampler:
                 cache.select_rows(keep.to(device))
             processed += len(live)
             with decoding_attention(model):
-                out = model(input_ids=drawn[:, None].to(device), position_ids=next_position, past_key_values=cache,
-                            use_cache=True, shared_prompts=cache)
+                state = head.forward(input_ids=drawn[:, None].to(device), position_ids=next_position,
+                                     past_key_values=cache, use_cache=True, shared_prompts=cache)
             if cache.attention_calls == 0:
                 raise ValueError(f"sampling: {type(model).__name__}'s attention does not go through transformers' "
                                  "AttentionInterface, which the sampler's shared-prompt cache needs")
-            logits = out.logits[:, -1].float()
             next_position = next_position + 1
         eos = tok.eos_token_id
         completions = [Completion(t, tok.decode(t, skip_special_tokens=True), t[-1] == eos,
                                   logprobs[row] if params.logprobs else None) for row, t in enumerate(tokens)]
         return completions, processed
+
+
+class NextTokens:
+    """How a decoding forward pass turns into drawn tokens. Where the model's logits are a plain LM head over the
+    last hidden states (`common.token_draw.plain_lm_head`) and the sampling is unrestricted (no top_k / top_p),
+    `forward` runs the decoder alone and `draw` runs the head and the draw together (`HeadDraw`, no logits held);
+    otherwise `forward` runs the model for its last position's logits and `draw` is `draw_tokens`. Same
+    distribution either way."""
+
+    def __init__(self, model: Any, params: SamplingParams, max_rows: int):
+        weight = plain_lm_head(model) if params.top_k == 0 and params.top_p == 1.0 else None
+        self.fused = HeadDraw(weight, max_rows) if weight is not None else None
+        self.model, self.params = model, params
+
+    def forward(self, **inputs: Any) -> Tensor:
+        """[rows, hidden] last hidden states (fused) or [rows, vocabulary] float32 logits at the last position."""
+        if self.fused is not None:
+            return self.model.get_decoder()(**inputs).last_hidden_state[:, -1]
+        return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    def draw(self, state: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor | None]:
+        p = self.params
+        if self.fused is not None:
+            return self.fused(state, uniforms, p.temperature, with_logprobs=p.logprobs)
+        return draw_tokens(state, uniforms, p.temperature, p.top_k, p.top_p, with_logprobs=p.logprobs)
 
 
 @torch.no_grad()

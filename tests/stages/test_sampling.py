@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from common.generation import response_logprobs
-from common.sampling import Sampler, SamplingParams, completion_logprobs, encode_prompts
+from common.sampling import NextTokens, Sampler, SamplingParams, completion_logprobs, encode_prompts
 from common.tiny import build_tiny_model, build_tiny_tokenizer
 
 TEMPERATURE = 0.7
@@ -219,4 +219,20 @@ def test_a_prompt_given_several_times_is_prefilled_once_and_each_copy_samples_it
     assert samples.completions[0].token_ids == alone.completions[0].token_ids  # job (seed, 0, 0) either way
     recomputed = completion_logprobs(model, samples, TEMPERATURE, tokenizer.pad_token_id)
     for completion, values in zip(samples.completions, recomputed, strict=True):
+        torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(values), atol=1e-4, rtol=0)
+
+
+def test_the_head_fused_with_the_draw_samples_the_tokens_of_the_models_own_logits(tokenizer, prompts):
+    # A model without the test's logit hook has a plain LM head, so unrestricted sampling runs the decoder and
+    # HeadDraw; top_k = the vocabulary restricts nothing but takes the model's forward and draw_tokens instead.
+    base = build_tiny_model(tokenizer, seed=3)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    assert NextTokens(model, PARAMS, 1).fused is not None
+    whole_vocabulary = SamplingParams(**{**PARAMS.__dict__, "top_k": len(tokenizer)})
+    assert NextTokens(model, whole_vocabulary, 1).fused is None
+    fused = Sampler(model, tokenizer, progress=False).sample(prompts, PARAMS)
+    plain = Sampler(model, tokenizer, progress=False).sample(prompts, whole_vocabulary)
+    assert [c.token_ids for c in fused.completions] == [c.token_ids for c in plain.completions]
+    for completion, values in zip(fused.completions, completion_logprobs(model, fused, TEMPERATURE,
+                                                                           tokenizer.pad_token_id), strict=True):
         torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(values), atol=1e-4, rtol=0)
