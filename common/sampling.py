@@ -291,9 +291,9 @@ class Sampler:
         ids, mask = pad_left(distinct, tok.pad_token_id, device)
         check_context_fits(model, ids.shape[1] + steps)
         prefill = DynamicCache(config=model.config)
-        head = NextTokens(model, params, len(jobs))
-        state = head.forward(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                             past_key_values=prefill, use_cache=True)
+        next_tokens = NextTokens(model, params, len(jobs))
+        state = next_tokens.forward(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                                    past_key_values=prefill, use_cache=True)
         processed = int(mask.sum())
         row_of_prompt = {prompt: row for row, prompt in enumerate(distinct)}
         row_prompt = torch.tensor([row_of_prompt[p] for p in job_prompts], device=device)
@@ -306,7 +306,7 @@ class Sampler:
         live = torch.arange(len(jobs))  # the batch's rows -> their index in `jobs`
         done = torch.zeros(len(jobs), dtype=torch.bool)  # rows that have drawn their EOS (until they leave)
         for step in range(steps):
-            drawn, picked = head.draw(state, uniforms[live, step])
+            drawn, picked = next_tokens.draw(state, uniforms[live, step])
             drawn = drawn.cpu()
             rows, drawn_list = live.tolist(), drawn.tolist()
             picked_list = picked.tolist() if picked is not None else None
@@ -324,8 +324,8 @@ class Sampler:
                 cache.select_rows(keep.to(device))
             processed += len(live)
             with decoding_attention(model):
-                state = head.forward(input_ids=drawn[:, None].to(device), position_ids=next_position,
-                                     past_key_values=cache, use_cache=True, shared_prompts=cache)
+                state = next_tokens.forward(input_ids=drawn[:, None].to(device), position_ids=next_position,
+                                            past_key_values=cache, use_cache=True, shared_prompts=cache)
             if cache.attention_calls == 0:
                 raise ValueError(f"sampling: {type(model).__name__}'s attention does not go through transformers' "
                                  "AttentionInterface, which the sampler's shared-prompt cache needs")
