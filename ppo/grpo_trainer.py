@@ -107,8 +107,13 @@ class GRPOTrainer(OnPolicyTrainer):
         rollout, completions, timing = self.collect(batch, step, score, compute)
         return rollout, completions, {k: v.to(self.device) for k, v in components.items()}, timing
 
-    def backward(self, mb: Rollout) -> dict[str, Tensor] | None:
-        """The loss of one micro-batch, backpropagated; None when it is not finite on some process."""
+    @property
+    def weighs_tokens(self) -> bool:
+        return self.args.loss_aggregation == "token"
+
+    def backward(self, mb: Rollout, share: float) -> dict[str, Tensor] | None:
+        """The loss of one micro-batch, backpropagated weighted by its `share` of the step; None when it is not
+        finite on some process."""
         args = self.args
         with self.accelerator.autocast():
             out = self.model.policy_forward(mb.ids, mb.attention, mb.start, args.temperature)
@@ -117,7 +122,7 @@ class GRPOTrainer(OnPolicyTrainer):
         pg_loss, stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mask, args.epsilon_low,
                                      args.epsilon_high, **how)
         kl = aggregate(kl_loss_terms(out.logprobs, mb.logprobs, mb.ref_logprobs, mask, args.kl_estimator), mask, **how)
-        if not self._backward(pg_loss + args.kl_coef * kl):
+        if not self._backward(pg_loss + args.kl_coef * kl, share):
             return None
         return {"policy/approxkl_avg": stats["approx_kl"], "policy/clipfrac_avg": stats["clipfrac"],
                 "loss/policy_avg": pg_loss.detach(), "loss/kl_avg": kl.detach(), "val/ratio": stats["ratio_mean"]}

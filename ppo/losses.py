@@ -20,7 +20,8 @@ LOSS_AGGREGATIONS = ("token", "sequence", "constant")
 
 
 def aggregate(per_token: Tensor, mask: Tensor, aggregation: str, constant_length: int | None = None) -> Tensor:
-    """Reduce a [B, T] per-token loss to a scalar.
+    """Reduce a [B, T] per-token loss to a scalar (over one micro-batch: the trainers weigh micro-batches so that
+    the optimizer step sees the same reduction over its whole minibatch, ppo.trainer.OnPolicyTrainer.loss_shares).
 
         token     sum over every masked-in token / their number: each token weighs the same, a long response
                   more than a short one (DAPO, Yu et al. 2025, eq. 12; Huang et al. 2024 for PPO)

@@ -183,6 +183,8 @@ class OnPolicyTrainer:
     # What the guards' messages suggest besides a lower learning rate.
     nonfinite_hint = "set args.score_clip / normalize_scores"
     kl_hint = " (or set kl_target)"
+    # Whether each micro-batch's loss is a mean over its tokens (PPO's every term) rather than over its responses.
+    weighs_tokens = True
 
     def __init__(self, args: Any, model: OneBaseModel, tokenizer: Any, prompts: list[Prompt], accelerator: Any,
                  tracker: Tracker, stage_dir: Path, seed: int, optimizer_steps: int, gold_fn: RewardFn | None = None,
@@ -329,10 +331,11 @@ class OnPolicyTrainer:
 
     # --- update --------------------------------------------------------------------------------------------------
     def update(self, rollout: Rollout, step: int, passes: int,
-               backward: Callable[[Rollout], dict[str, Tensor] | None]) -> dict[str, float] | None:
+               backward: Callable[[Rollout, float], dict[str, Tensor] | None]) -> dict[str, float] | None:
         """`passes` passes over the rollout in shuffled minibatches (one optimizer step each; `backward` each
-        micro-batch). Returns the averaged statistics, or None when a loss or gradient was not finite (the rest of
-        the update is then skipped; minibatches already applied stay applied)."""
+        micro-batch, with its share of the step's loss: `loss_shares`). Returns the averaged statistics, or None
+        when a loss or gradient was not finite (the rest of the update is then skipped; minibatches already applied
+        stay applied)."""
         args, model = self.args, self.model
         model.train()
         order_rng = torch.Generator().manual_seed(step_seed(self.seed, step, self.accelerator.process_index,
@@ -343,8 +346,9 @@ class OnPolicyTrainer:
         for _ in range(passes):
             order = torch.randperm(size, generator=order_rng)
             for minibatch in order.split(args.minibatch_size):
-                for rows in minibatch.split(args.micro_batch_size):
-                    stats = backward(rollout.micro_batch(rows.to(rollout.ids.device)))
+                micro_batches = [rows.to(rollout.ids.device) for rows in minibatch.split(args.micro_batch_size)]
+                for rows, share in zip(micro_batches, self.loss_shares(rollout, micro_batches), strict=True):
+                    stats = backward(rollout.micro_batch(rows), share)
                     if stats is None:
                         self.optimizer.zero_grad(set_to_none=True)
                         return None
@@ -357,10 +361,24 @@ class OnPolicyTrainer:
         averaged = self._sum(averaged) / self.accelerator.num_processes
         return dict(zip(totals, averaged.tolist(), strict=True))
 
-    def _backward(self, loss: Tensor) -> bool:
+    def loss_shares(self, rollout: Rollout, micro_batches: list[Tensor]) -> list[float]:
+        """The weight of each micro-batch's loss (a mean over its own tokens, or for `weighs_tokens` False its own
+        responses) in the optimizer step: its tokens (responses) over the minibatch's on every process, times the
+        number of processes (`optimizer_step` averages the gradients over them). The step's gradient is then that of
+        one mean over all the minibatch's tokens, however it was split into micro-batches and processes, as DAPO's
+        token-level loss is defined (Yu et al. 2025, eq. 12; trl's "dapo" loss normalises the same way). Dividing by
+        the number of micro-batches instead would give a token of a micro-batch of short responses more weight."""
+        if self.weighs_tokens:
+            counts = torch.stack([rollout.mask[rows].sum() for rows in micro_batches]).float()
+        else:
+            counts = torch.tensor([float(len(rows)) for rows in micro_batches], device=self.device)
+        total = self._sum(counts.sum())
+        return (counts * self.accelerator.num_processes / total).tolist()
+
+    def _backward(self, loss: Tensor, share: float) -> bool:
         if self._anywhere(not bool(torch.isfinite(loss))):
             return False
-        (loss / self.args.gradient_accumulation_steps).backward()
+        (loss * share).backward()
         return True
 
     def optimizer_step(self) -> bool:
@@ -566,7 +584,7 @@ class PPOTrainer(OnPolicyTrainer):
         rollout.returns = returns
 
         started = time.perf_counter()
-        update = self.update(rollout, step, args.ppo_epochs, lambda mb: self.backward(mb, beta))
+        update = self.update(rollout, step, args.ppo_epochs, lambda mb, share: self.backward(mb, beta, share))
         timing["time/train"] = time.perf_counter() - started
         if update is None:
             return self._skip(step, "losses or gradients")
@@ -610,9 +628,10 @@ class PPOTrainer(OnPolicyTrainer):
         return scores
 
     # --- update --------------------------------------------------------------------------------------------------
-    def backward(self, mb: Rollout, beta: float) -> dict[str, Tensor] | None:
-        """The losses of one micro-batch, backpropagated (gradients add up over its minibatch); None when a loss is
-        not finite on some process (nothing more is backpropagated then).
+    def backward(self, mb: Rollout, beta: float, share: float) -> dict[str, Tensor] | None:
+        """The losses of one micro-batch (per-token means), backpropagated weighted by its `share` of the step
+        (gradients add up over its minibatch); None when a loss is not finite on some process (nothing more is
+        backpropagated then).
 
         A separate value adapter gets its own forward and backward pass after the policy's: gradient checkpointing
         recomputes layers during the backward pass with the adapter active at that time (see ppo.adapters).
@@ -632,13 +651,13 @@ class PPOTrainer(OnPolicyTrainer):
                                                            args.kl_estimator_used), mask)
         values = out.values
         if values is None:
-            if not self._backward(loss):
+            if not self._backward(loss, share):
                 return None
             loss = torch.zeros((), device=loss.device)
             with self.accelerator.autocast():
                 values = model.values(mb.ids, mb.attention, mb.start)
         vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, args.clip_range_value)
-        if not self._backward(loss + args.vf_coef * vf_loss):
+        if not self._backward(loss + args.vf_coef * vf_loss, share):
             return None
         return {"policy/approxkl_avg": pg_stats["approx_kl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
                 "loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),

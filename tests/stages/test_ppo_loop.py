@@ -99,7 +99,7 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged(tmp_path, value_m
         rollout.advantages = torch.randn(rollout.mask.shape, generator=noise).to(DEVICE) * rollout.mask
         rollout.returns = torch.randn(rollout.mask.shape, generator=noise).to(DEVICE) * rollout.mask
         model.train()
-        assert trainer.backward(rollout.micro_batch(torch.arange(4)), beta=0.05) is not None
+        assert trainer.backward(rollout.micro_batch(torch.arange(4)), beta=0.05, share=1.0) is not None
         grads[checkpointing] = {n: p.grad for n, p in model.peft.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys() and any(f".{VALUE}." in n for n in grads[True]) == (
         value_model == "separate")
@@ -133,7 +133,7 @@ def test_kl_in_the_loss_and_the_entropy_bonus_move_the_policy_without_any_advant
     rollout.returns = rollout.values.clone()  # ... and no value error
     model.train()
     batch = rollout.micro_batch(torch.arange(4))
-    assert trainer.backward(batch, beta=0.5) is not None
+    assert trainer.backward(batch, beta=0.5, share=1.0) is not None
     grads = [p.grad for n, p in model.peft.named_parameters() if "lora_" in n and p.grad is not None]
     moved = any(g.abs().max() > 0 for g in grads)
     assert moved == expect_gradient
