@@ -197,6 +197,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def step_seconds_and_gain(run: dict, sft: dict) -> tuple[float, np.ndarray]:
+    """A run's median seconds per step after the first (which also builds what later steps reuse) and its per-prompt
+    held-out gold gain over the SFT policy."""
+    return statistics.median(run["seconds"][1:] or run["seconds"]), np.asarray(run["gold"]) - np.asarray(sft["gold"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -248,6 +254,9 @@ def main() -> None:
                    "--child", name]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, cwd=REPO)  # progress: stderr
             results[name, seed] = json.loads(proc.stdout.strip().splitlines()[-1])
+            if name != "sft":  # each run's figures as it ends, so that a long sweep cut short still tells something
+                seconds, gain = step_seconds_and_gain(results[name, seed], results["sft", args.seeds[0]])
+                print(f"    {seconds:.2f} s/step, gold gain {gain.mean():+.4f}", file=sys.stderr, flush=True)
     sft_gold = np.asarray(results["sft", args.seeds[0]]["gold"])
     print(f"\n{args.steps} steps of {args.prompts_per_step} prompts x {args.group_size} completions, "
           f"{args.max_new_tokens} new tokens, lr {args.lr}, beta {args.beta}, gradient checkpointing "
@@ -259,11 +268,10 @@ def main() -> None:
     gains: dict[str, list[float]] = {name: [] for name in args.only}
     for name, seed in runs[1:]:
         r = results[name, seed]
-        later = r["seconds"][1:] or r["seconds"]
-        gain = np.asarray(r["gold"]) - sft_gold
+        seconds, gain = step_seconds_and_gain(r, results["sft", args.seeds[0]])
         low, high = bootstrap_ci(gain)
         gains[name].append(float(gain.mean()))
-        print(f"{name:<10} {seed:>5} {statistics.median(later):>8.2f} {r['train_peak_rss_mb']:>13.0f} "
+        print(f"{name:<10} {seed:>5} {seconds:>8.2f} {r['train_peak_rss_mb']:>13.0f} "
               f"{r['peak_rss_mb']:>12.0f} {gain.mean():>10.4f}  [{low:.4f}, {high:.4f}]")
     if len(args.seeds) > 1:
         # Runs of a few steps are chaotic (a different draw early sends a run elsewhere), so a trainer's gain is the
