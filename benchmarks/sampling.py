@@ -60,7 +60,7 @@ import torch  # noqa: E402
 
 from benchmarks.bf16_training import step_seconds  # noqa: E402
 from common.config import LoraSpec, ModelConfig, native_bf16  # noqa: E402
-from common.generation import pad_left  # noqa: E402
+from common.generation import pad_left, response_logprobs  # noqa: E402
 from common.models import (  # noqa: E402
     load_base_model,
     load_for_inference,
@@ -357,11 +357,23 @@ def bench_forward(model: Any, tokenizer: Any, sizes: Sizes, repeats: int, reward
     samples = sample_after(model, tokenizer, encode_prompts(tokenizer, prompts, "eval"), params)
     pad = tokenizer.pad_token_id
 
-    def folded() -> None:
-        with folded_lora(model):
-            completion_logprobs(model, samples, 1.0, pad)
+    def folded(logprobs: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            with folded_lora(model):
+                logprobs()
+        return run
 
-    rows = [("reference log-probs (KL)", lambda: completion_logprobs(model, samples, 1.0, pad), folded)]
+    def whole_rows() -> None:
+        """The reference pass before each prompt ran once for its samples: every row whole, prompt and completion."""
+        widths = [len(samples.prompt_ids[j // samples.n]) + len(c.token_ids) for j, c in enumerate(samples.completions)]
+        with torch.no_grad():
+            for jobs in plan_batches(widths, DEFAULT_TOKEN_BUDGET):
+                batch = samples.padded(jobs, pad)
+                response_logprobs(model, batch.ids, batch.attention_mask, batch.response_start, 1.0)
+
+    shared = lambda: completion_logprobs(model, samples, 1.0, pad)  # noqa: E731
+    rows = [("reference log-probs (KL)", shared, folded(shared)),
+            ("KL: whole rows, prompt once", folded(whole_rows), folded(shared))]
     if reward_model is not None:
         merged = RewardModel.load(reward_model, model_config(sizes))
         base = load_base_model(model_config(sizes), resolve_model(sizes.model), task="seq-cls", training=False)
@@ -372,9 +384,10 @@ def bench_forward(model: Any, tokenizer: Any, sizes: Sizes, repeats: int, reward
         rows.append(("reward scores", lambda: unmerged.score(texts, samples.texts),
                      lambda: merged.score(texts, samples.texts)))
     print(f"\n[forward] the eval's passes over {len(samples.completions)} completions ({sizes.eval_prompts} held-out "
-          f"prompts x {FORWARD_SAMPLES}); LoRA un-folded vs folded (fold and restore included) / merged; median of "
+          f"prompts x {FORWARD_SAMPLES}); LoRA un-folded vs folded (fold and restore included) / merged, and the "
+          f"reference pass running every row whole vs each prompt once for its samples (both folded); median of "
           f"{repeats} after a warm-up")
-    print(f"{'pass':<26} {'LoRA s':>8} {'folded s':>9} {'speed-up':>9}")
+    print(f"{'pass':<28} {'before s':>8} {'after s':>9} {'speed-up':>9}")
     for name, plain, fast in rows:
         plain(), fast()  # warm-up
         plain_s, fast_s = [], []
@@ -382,7 +395,7 @@ def bench_forward(model: Any, tokenizer: Any, sizes: Sizes, repeats: int, reward
             plain_s.append(timed(plain)[0])
             fast_s.append(timed(fast)[0])
         before, after = statistics.median(plain_s), statistics.median(fast_s)
-        print(f"{name:<26} {before:>8.2f} {after:>9.2f} {before / after:>8.2f}x")
+        print(f"{name:<28} {before:>8.2f} {after:>9.2f} {before / after:>8.2f}x")
 
 
 # --- part 5: contention ---------------------------------------------------------------------------------------

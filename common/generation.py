@@ -114,7 +114,7 @@ def response_logprobs(
     attention_mask = attention_mask.long()
     response_len = total - response_start
     kwargs: dict[str, Any] = {}
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         # Logits at positions response_start - 1 ... total - 1; the last one predicts past the end and is dropped.
         kwargs["logits_to_keep"] = response_len + 1
     output = model(
@@ -201,7 +201,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def accepts_logits_to_keep(model: Any) -> bool:
     # A peft model forwards **kwargs to the transformers model; look through it when we can.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:

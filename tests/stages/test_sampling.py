@@ -146,6 +146,26 @@ def test_sampler_logprobs_are_those_the_policy_recomputes(model, samples, tokeni
         torch.testing.assert_close(torch.tensor(completion.logprobs), torch.tensor(values), atol=1e-4, rtol=0)
 
 
+def test_completion_logprobs_run_each_prompt_once_for_the_log_probs_of_whole_rows(model, samples, batch, tokenizer):
+    # The plain way: every row whole, prompt and completion, in one left-padded batch.
+    with torch.no_grad():
+        whole = response_logprobs(model, batch.ids, batch.attention_mask, batch.response_start, TEMPERATURE).logprobs
+    fed = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda module, inputs, output: fed.append(inputs[0].shape))
+    try:
+        shared = completion_logprobs(model, samples, TEMPERATURE, tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    for j, values in enumerate(shared):
+        length = len(samples.completions[j].token_ids)
+        torch.testing.assert_close(torch.tensor(values), whole[j, :length], atol=1e-5, rtol=0)
+    # One batch: the 4 distinct prompts (padded to the longest), then each of the 12 rows' completion tokens but the
+    # last; the prompts are not run again for their 3 samples.
+    longest_prompt = max(len(p) for p in samples.prompt_ids)
+    longest_completion = max(len(c.token_ids) for c in samples.completions)
+    assert fed == [(len(samples.prompt_ids), longest_prompt), (len(samples.completions), longest_completion - 1)]
+
+
 def test_sampling_uses_the_temperature_and_nothing_else(tokenizer):
     # A "model" whose next-token logits are fixed: 6 on token 70, 0 on the 259 others. At temperature T,
     #   p(70) = e^(6/T) / (e^(6/T) + 259):  T = 1: 403.43 / 662.43 = 0.6090;  T = 2: 20.09 / 279.09 = 0.0720.
