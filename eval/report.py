@@ -107,7 +107,7 @@ COLUMNS = [  # (header, path into a model's results entry, format)
 ]
 
 
-# The columns `alignlab run` prints when a run ends; the report has them all.
+# The columns `alignlab run` prints when a run ends (those some model has); the report has every such column.
 SHORT_COLUMNS = ("gold reward", "gold reward − ref", "KL to ref", "MC accuracy", "judge win rate")
 
 
@@ -191,6 +191,8 @@ def row_label(recipe: str, name: str, groups: dict) -> str:
 
 
 def results_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
+    """One row per model, one column per figure that at least one model has (an eval without MC shows no MC
+    columns)."""
     header, rows = ["model", *[c[0] for c in COLUMNS]], []
     groups = by_recipe(runs)
     for recipe, members in groups.items():
@@ -198,7 +200,8 @@ def results_table(runs: list[RunData]) -> tuple[list[str], list[list[str]]]:
             rows.append([row_label(recipe, model, groups), *[
                 cell([lookup(run.results[model], path) if model in run.results else None for run in members], fmt)
                 for _, path, fmt in COLUMNS]])
-    return header, rows
+    kept = [0] + [i for i in range(1, len(header)) if any(row[i] != "–" for row in rows)]
+    return [header[i] for i in kept], [[row[i] for i in kept] for row in rows]
 
 
 def stage_figure(run: RunData, stage: str, metric: str) -> dict | None:

@@ -135,6 +135,20 @@ def test_the_report_of_a_multi_seed_run_says_where_seeds_disagree(tmp_path):
     assert not sign_disagreements([read_run(d) for d in expand_replicas([agreeing])])
 
 
+def test_the_table_leaves_out_the_evals_no_model_ran(tmp_path):
+    with_mc = fake_run(tmp_path / "a", seed=1, ppo_reward=0.6)
+    header, _ = results_table([read_run(with_mc)])
+    assert {"MC accuracy", "MC most-picked letter", "MC ECE", "judge win rate"} <= set(header)
+    without = fake_run(tmp_path / "b", seed=1, ppo_reward=0.6)
+    results = json.loads((without / "eval" / "results.json").read_text())
+    results["models"]["ppo"].update(mc=None, judge=None)
+    (without / "eval" / "results.json").write_text(json.dumps(results))
+    header, rows = results_table([read_run(without)])
+    assert header == ["model", "gold reward", "KL to ref"]
+    assert rows == [["sft", "0.100 [0.000, 0.200]", "0.00 [0.00, 0.00]"],
+                    ["ppo", "0.600 [0.500, 0.700]", "4.00 [3.00, 5.00]"]]
+
+
 def test_runs_of_different_recipes_are_not_folded_together(tmp_path):
     a = fake_run(tmp_path / "a" / "r", seed=1, ppo_reward=0.6, recipe="sentiment")
     b = fake_run(tmp_path / "b" / "r", seed=1, ppo_reward=0.2, recipe="frontier")
