@@ -12,10 +12,16 @@ runs the model on both sides of every pair. Here:
   so a completion that is chosen in one pair and rejected in another costs one forward and backward pass. The loss,
   its gradients and trl's metrics are those of the full batch (up to dropout, which now draws one mask per
   sequence rather than one per occurrence).
+- It runs the prefix those rows share once, too (`shared_prefixes`): one pass over each prompt, whose keys and values
+  its completions' rows then attend to (gradients flow back through them), and a second over the completions. With
+  the default task's ~60-token prompts and ~35-token reviews a batch runs about half the tokens. Under DDP, or with
+  gradient checkpointing (which turns the cache off), every row runs whole: DDP syncs the gradients of one forward
+  call a step.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -23,8 +29,12 @@ from typing import Any
 import datasets
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Sampler
 from trl import RewardTrainer
+
+from common.generation import pad_left, position_ids
 
 
 def prompt_groups(prompts: list[Any]) -> list[list[int]]:
@@ -54,24 +64,103 @@ class PromptGroupedSampler(Sampler[int]):
             yield from rng.sample(group, len(group))
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def shared_prefixes(rows: list[list[int]], scored: list[int]) -> list[tuple[list[int], int]] | None:
+    """Rows cut into groups that run a common prefix once: (the group's rows, the prefix length). A prefix stops
+    before each of its rows' `scored` position, which runs with the rest of the row.
+
+    Neighbours in sorted order whose common prefix reaches a threshold form a group; of all thresholds, the one whose
+    groups run the fewest tokens (the prefixes padded to the longest, then every row's rest padded to the longest)
+    wins. None when no grouping runs fewer tokens than the rows whole."""
+    order = sorted(range(len(rows)), key=lambda r: rows[r])
+    links = [common_prefix(rows[a], rows[b]) for a, b in itertools.pairwise(order)]
+    best, fewest = None, len(rows) * max(len(r) for r in rows)
+    for threshold in sorted(set(links) - {0}):
+        groups, start = [], 0
+        for i in range(len(order)):
+            if i == len(order) - 1 or links[i] < threshold:
+                members = order[start:i + 1]
+                prefix = min([*links[start:i], *(scored[r] for r in members)])
+                groups.append((members, prefix))
+                start = i + 1
+        if min(prefix for _, prefix in groups) < 1:
+            continue
+        tokens = (len(groups) * max(prefix for _, prefix in groups)
+                  + len(rows) * max(len(rows[r]) - prefix for members, prefix in groups for r in members))
+        if tokens < fewest:
+            best, fewest = groups, tokens
+    return best
+
+
 class ScoreEachSequenceOnce:
-    """Calls `model` on the distinct rows of (input_ids, attention_mask) and returns its output with the logits
-    of every original row, in the original order (gradients flow back through the indexing)."""
+    """Calls `model` (a sequence classifier, pooled at each row's last token that is not padding) on the distinct rows
+    of (input_ids, attention_mask), the prefix they share run once, and returns its output with the logits of every
+    original row, in the original order (gradients flow back through the indexing)."""
 
     def __init__(self, model: Any):
         self.model = model
+        self.pad_id = getattr(model, "module", model).config.pad_token_id  # through a DDP wrapper
+        # DDP syncs the gradients of one forward call; gradient checkpointing turns the cache off.
+        self.share_prefixes = not (isinstance(model, DistributedDataParallel)
+                                   or getattr(model, "is_gradient_checkpointing", False))
 
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
         distinct, inverse = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
         if len(distinct) == len(input_ids):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self.forward(input_ids, attention_mask, **kwargs)
         # One representative row per distinct sequence: its first occurrence.
         rows = torch.arange(len(input_ids), device=input_ids.device)
         first = torch.full((len(distinct),), len(input_ids), device=input_ids.device).scatter_reduce(
             0, inverse, rows, reduce="amin")
-        out = self.model(input_ids=input_ids[first], attention_mask=attention_mask[first], **kwargs)
+        out = self.forward(input_ids[first], attention_mask[first], **kwargs)
         out.logits = out.logits[inverse]
         return out
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+        groups = self.prefix_groups(input_ids, attention_mask) if self.share_prefixes else None
+        if groups is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        device = input_ids.device
+        lengths = attention_mask.sum(dim=1).tolist()
+        group_of = torch.empty(len(input_ids), dtype=torch.long, device=device)
+        prefixes, rests = [], [None] * len(input_ids)
+        for g, (members, prefix) in enumerate(groups):
+            prefixes.append(input_ids[members[0], :prefix])
+            for r in members:
+                group_of[r] = g
+                rests[r] = input_ids[r, prefix:lengths[r]]
+        prefix_ids, prefix_mask = pad_left(prefixes, self.pad_id, device)
+        kwargs.pop("use_cache", None)
+        cache = self.model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
+                           use_cache=True).past_key_values
+        cache.batch_select_indices(group_of)  # each row's copy of its prefix's keys and values
+        rest_ids = pad_sequence(rests, batch_first=True, padding_value=self.pad_id)
+        rest_mask = pad_sequence([torch.ones_like(r) for r in rests], batch_first=True, padding_value=0)
+        context = prefix_mask[group_of]
+        positions = context.sum(dim=1, keepdim=True) + torch.arange(rest_ids.shape[1], device=device)
+        return self.model(input_ids=rest_ids, attention_mask=torch.cat([context, rest_mask], dim=1),
+                          position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
+
+    def prefix_groups(self, input_ids: Tensor, attention_mask: Tensor) -> list[tuple[list[int], int]] | None:
+        """`shared_prefixes` of right-padded rows (attended tokens first); None for any other layout."""
+        lengths = attention_mask.sum(dim=1)
+        if not torch.equal(attention_mask, (torch.arange(attention_mask.shape[1], device=lengths.device)
+                                            < lengths[:, None]).to(attention_mask.dtype)):
+            return None
+        rows = [ids[:n].tolist() for ids, n in zip(input_ids, lengths.tolist(), strict=True)]
+        # Where the classifier pools: the last token that is not the pad id, attended or not.
+        scored = [max((i for i, t in enumerate(row) if t != self.pad_id), default=-1) for row in rows]
+        if min(scored) < 1:
+            return None
+        return shared_prefixes(rows, scored)
 
 
 class GroupedRewardTrainer(RewardTrainer):

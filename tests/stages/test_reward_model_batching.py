@@ -4,10 +4,11 @@ through the model once, and the loss and gradients of the full batch all the sam
 from __future__ import annotations
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from common.config import ModelConfig
 from common.models import load_base_model, resolve_model
-from reward_model.trainer import PromptGroupedSampler, ScoreEachSequenceOnce, prompt_groups
+from reward_model.trainer import PromptGroupedSampler, ScoreEachSequenceOnce, prompt_groups, shared_prefixes
 
 
 def test_prompt_groups_collect_the_rows_of_equal_prompts_chat_or_text():
@@ -58,9 +59,62 @@ def test_scoring_distinct_rows_once_gives_the_full_batch_rewards_and_gradients(t
                                            with_kwargs=True)
     once, once_grads = rewards_and_grads(ScoreEachSequenceOnce(model))
     hook.remove()
-    assert rows_seen == [4], "six rows, four distinct"
+    # Six rows, four distinct; their common prefixes are too short to be worth a pass of their own.
+    assert rows_seen == [4]
     torch.testing.assert_close(once, full, atol=1e-6, rtol=0)
     assert once[0] == once[3] and once[1] == once[4]
     assert full_grads.keys() == once_grads.keys() and full_grads
     for name, grad in full_grads.items():
         torch.testing.assert_close(once_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rows_are_grouped_to_run_each_shared_prefix_once_for_the_fewest_tokens():
+    a1, a2 = [1, 2, 3, 4, 5, 10], [1, 2, 3, 4, 5, 11, 12]  # one prompt [1 2 3 4 5], two completions
+    b1, b2 = [1, 2, 7, 8, 20], [1, 2, 7, 8, 21, 22]  # another, [1 2 7 8]; every row shares [1 2]
+    rows = [b2, a1, b1, a2]
+    scored = [len(r) - 1 for r in rows]
+    # Whole rows: 4 x 7 = 28 tokens. All four on [1 2]: 2 + 4 x 5 = 22. Per prompt: 2 x 5 + 4 x 2 = 18. A's pair and
+    # B's rows alone (each up to its scored token): 3 x 5 + 4 x 2 = 23.
+    assert shared_prefixes(rows, scored) == [([1, 3], 5), ([2, 0], 4)]
+    # A prefix stops before the token the classifier reads: here a2's is its 5th, so the pair shares 4 tokens.
+    assert shared_prefixes(rows, [5, 5, 4, 4]) == [([1, 3], 4), ([2, 0], 4)]
+    assert shared_prefixes([[1, 2, 3], [4, 5, 6]], [2, 2]) is None  # nothing shared
+    # Sharing that does not pay: whole rows 4 x 4 = 16; [5 6 7] and [5 6 7 0] on [5 6], the others alone: 3 x 3 + 4 x
+    # 2 = 17; the first three on [5]: 2 x 3 + 4 x 3 = 18.
+    assert shared_prefixes([[5, 6, 7], [5, 8], [5, 6, 7, 0], [9, 9, 9, 9]], [2, 1, 2, 3]) is None
+
+
+def test_running_each_prompt_once_gives_the_rewards_and_gradients_of_whole_rows(tiny_model_dir):
+    cfg = ModelConfig(base=str(tiny_model_dir), dtype="float32", lora=None)
+    torch.manual_seed(0)
+    base = load_base_model(cfg, resolve_model(cfg.base), task="seq-cls")
+    base.config.pad_token_id = 0
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False)).eval()
+    # Two prompts of different lengths, each with completions of different lengths, right-padded as trl collates.
+    p, q = [5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 13, 14, 15, 16, 17]
+    rows = [p + [20, 21], q + [30, 31, 32], p + [22, 23, 24, 25], q + [33], p + [26]]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.5])
+
+    def rewards_and_grads(forward):
+        model.zero_grad()
+        logits = forward(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        (logits * weights).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = rewards_and_grads(model)
+    fed = []
+    embed = model.get_base_model().model.embed_tokens
+    hook = embed.register_forward_hook(lambda module, inputs, output: fed.append(tuple(inputs[0].shape)))
+    shared, shared_grads = rewards_and_grads(ScoreEachSequenceOnce(model))
+    hook.remove()
+    # The two prompts once (the longer, 8 tokens, sets the width), then each row's completion (at most 4 tokens):
+    # 2 x 8 + 5 x 4 = 36 tokens instead of 5 x 12 = 60.
+    assert fed == [(2, 8), (5, 4)]
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    assert whole_grads.keys() == shared_grads.keys() and any("lora_" in n for n in whole_grads)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
