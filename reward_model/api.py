@@ -47,6 +47,7 @@ from common.config import ModelConfig
 from common.errors import InputError
 from common.generation import position_ids
 from common.models import load_base_model, resolve_model
+from common.prefix_sharing import forward_with_shared_prefixes, last_not, right_padded_rows, shared_prefixes
 from common.sampling import Messages, as_messages
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,10 @@ def keep_last(ids: list[int], max_length: int | None) -> list[int]:
 class RewardModel:
     """Scores (prompt, completion) pairs; build it with `load` or `attach`."""
 
-    def __init__(self, forward: Callable[[Tensor, Tensor, Tensor], Tensor], tokenizer: Any, chat: bool,
+    def __init__(self, call: Callable[..., Any], pool: Callable[[Any, Tensor], Tensor], tokenizer: Any, chat: bool,
                  max_length: int | None, device: torch.device):
-        self._forward = forward  # (ids [B, T], attention mask [B, T], position ids [B, T]) -> rewards [B]
+        self._call = call  # the model's forward: input_ids, attention_mask, position_ids, past_key_values, use_cache
+        self._pool = pool  # (its output, the attention mask of the positions it covers) -> rewards [B]
         self.tokenizer = tokenizer
         self.chat = chat
         self.max_length = max_length
@@ -106,10 +108,10 @@ class RewardModel:
         # The head pools at the last token that is not padding (as in training, where trl sets the same id).
         model.config.pad_token_id = tokenizer.pad_token_id
 
-        def forward(ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
-            return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, 0]
+        def pool(output: Any, mask: Tensor) -> Tensor:
+            return output.logits[:, 0]
 
-        return cls(forward, tokenizer, chat, max_length, next(model.parameters()).device)
+        return cls(model, pool, tokenizer, chat, max_length, next(model.parameters()).device)
 
     @classmethod
     def attach(cls, peft_model: Any, directory: str | Path, adapter_name: str = "reward") -> RewardModel:
@@ -142,15 +144,17 @@ class RewardModel:
         # The decoder without the LM head (LlamaModel inside LlamaForCausalLM), with the LoRA layers injected.
         trunk = peft_model.get_base_model().base_model
 
-        def forward(ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+        def call(**inputs: Any) -> Any:
             with using(peft_model, adapter_name):
-                hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               use_cache=False).last_hidden_state
-            last = hidden[torch.arange(len(ids), device=hidden.device), last_token_index(mask)]
+                return trunk(**inputs)
+
+        def pool(output: Any, mask: Tensor) -> Tensor:
+            hidden = output.last_hidden_state
+            last = hidden[torch.arange(len(hidden), device=hidden.device), last_token_index(mask)]
             return head(last.to(head.weight.dtype))[:, 0]
 
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        return cls(forward, tokenizer, info["chat"], info["max_length"], trunk_params.device)
+        return cls(call, pool, tokenizer, info["chat"], info["max_length"], trunk_params.device)
 
     # --- scoring --------------------------------------------------------------------------------------
     def encode(self, prompt: str | Messages, completion: str | Messages) -> list[int]:
@@ -170,11 +174,12 @@ class RewardModel:
         """Rewards of the pairs (prompts[i], completions[i]): a float32 tensor [N] on the CPU.
 
         Each distinct input is scored once (all-pairs preference sets repeat every completion in several pairs),
-        in batches of similar length (less padding)."""
+        in sorted order, so that the completions of one prompt share a batch and their prompt runs once
+        (`score_ids`)."""
         if len(prompts) != len(completions):
             raise ValueError(f"RewardModel.score: {len(prompts)} prompts but {len(completions)} completions")
         encoded = [tuple(self.encode(p, c)) for p, c in zip(prompts, completions, strict=True)]
-        distinct = sorted(set(encoded), key=len)
+        distinct = sorted(set(encoded))
         too_long = sum(self.max_length is not None and len(ids) > self.max_length for ids in encoded)
         if too_long:
             log.warning("reward model: %d of %d inputs are longer than max_length %d; scoring their last %d tokens",
@@ -196,7 +201,16 @@ class RewardModel:
         """Rewards of a batch of formatted token ids ([B, T], padded on either side): float32 [B] on the CPU.
 
         Positions are counted over attended tokens only (`common.generation.position_ids`), so a left-padded row
-        gets the positions it would have alone, as in training.
+        gets the positions it would have alone, as in training. Right-padded rows that share a prefix (a prompt's
+        completions, or the chat template's system prompt) run it once (`common.prefix_sharing`).
         """
         ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-        return self._forward(ids, mask, position_ids(mask)).float().cpu()
+        pad_id = self.tokenizer.pad_token_id
+        rows = right_padded_rows(ids, mask)
+        scored = last_not(rows, pad_id) if rows else None
+        groups = shared_prefixes(rows, scored) if scored and min(scored) >= 1 else None
+        if groups is None:
+            output = self._call(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+            return self._pool(output, mask).float().cpu()
+        output, rest_mask = forward_with_shared_prefixes(self._call, rows, groups, pad_id, self.device)
+        return self._pool(output, rest_mask).float().cpu()

@@ -12,16 +12,15 @@ runs the model on both sides of every pair. Here:
   so a completion that is chosen in one pair and rejected in another costs one forward and backward pass. The loss,
   its gradients and trl's metrics are those of the full batch (up to dropout, which now draws one mask per
   sequence rather than one per occurrence).
-- It runs the prefix those rows share once, too (`shared_prefixes`): one pass over each prompt, whose keys and values
-  its completions' rows then attend to (gradients flow back through them), and a second over the completions. With
-  the default task's ~60-token prompts and ~35-token reviews a batch runs about half the tokens. Under DDP, or with
-  gradient checkpointing (which turns the cache off), every row runs whole: DDP syncs the gradients of one forward
-  call a step.
+- It runs the prefix those rows share once, too (`common.prefix_sharing`): one pass over each prompt, whose keys
+  and values its completions' rows then attend to (gradients flow back through them), and a second over the
+  completions. With the default task's ~60-token prompts and ~35-token reviews a batch runs about half the tokens.
+  Under DDP, or with gradient checkpointing (which turns the cache off), every row runs whole: DDP syncs the
+  gradients of one forward call a step.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -30,11 +29,10 @@ import datasets
 import torch
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Sampler
 from trl import RewardTrainer
 
-from common.generation import pad_left, position_ids
+from common.prefix_sharing import forward_with_shared_prefixes, last_not, right_padded_rows, shared_prefixes
 
 
 def prompt_groups(prompts: list[Any]) -> list[list[int]]:
@@ -64,42 +62,6 @@ class PromptGroupedSampler(Sampler[int]):
             yield from rng.sample(group, len(group))
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def shared_prefixes(rows: list[list[int]], scored: list[int]) -> list[tuple[list[int], int]] | None:
-    """Rows cut into groups that run a common prefix once: (the group's rows, the prefix length). A prefix stops
-    before each of its rows' `scored` position, which runs with the rest of the row.
-
-    Neighbours in sorted order whose common prefix reaches a threshold form a group; of all thresholds, the one whose
-    groups run the fewest tokens (the prefixes padded to the longest, then every row's rest padded to the longest)
-    wins. None when no grouping runs fewer tokens than the rows whole."""
-    order = sorted(range(len(rows)), key=lambda r: rows[r])
-    links = [common_prefix(rows[a], rows[b]) for a, b in itertools.pairwise(order)]
-    best, fewest = None, len(rows) * max(len(r) for r in rows)
-    for threshold in sorted(set(links) - {0}):
-        groups, start = [], 0
-        for i in range(len(order)):
-            if i == len(order) - 1 or links[i] < threshold:
-                members = order[start:i + 1]
-                prefix = min([*links[start:i], *(scored[r] for r in members)])
-                groups.append((members, prefix))
-                start = i + 1
-        if min(prefix for _, prefix in groups) < 1:
-            continue
-        tokens = (len(groups) * max(prefix for _, prefix in groups)
-                  + len(rows) * max(len(rows[r]) - prefix for members, prefix in groups for r in members))
-        if tokens < fewest:
-            best, fewest = groups, tokens
-    return best
-
-
 class ScoreEachSequenceOnce:
     """Calls `model` (a sequence classifier, pooled at each row's last token that is not padding) on the distinct rows
     of (input_ids, attention_mask), the prefix they share run once, and returns its output with the logits of every
@@ -125,42 +87,14 @@ class ScoreEachSequenceOnce:
         return out
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
-        groups = self.prefix_groups(input_ids, attention_mask) if self.share_prefixes else None
+        rows = right_padded_rows(input_ids, attention_mask) if self.share_prefixes else None
+        scored = last_not(rows, self.pad_id) if rows else None
+        groups = shared_prefixes(rows, scored) if scored and min(scored) >= 1 else None
         if groups is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        device = input_ids.device
-        lengths = attention_mask.sum(dim=1).tolist()
-        group_of = torch.empty(len(input_ids), dtype=torch.long, device=device)
-        prefixes, rests = [], [None] * len(input_ids)
-        for g, (members, prefix) in enumerate(groups):
-            prefixes.append(input_ids[members[0], :prefix])
-            for r in members:
-                group_of[r] = g
-                rests[r] = input_ids[r, prefix:lengths[r]]
-        prefix_ids, prefix_mask = pad_left(prefixes, self.pad_id, device)
         kwargs.pop("use_cache", None)
-        cache = self.model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids(prefix_mask),
-                           use_cache=True).past_key_values
-        cache.batch_select_indices(group_of)  # each row's copy of its prefix's keys and values
-        rest_ids = pad_sequence(rests, batch_first=True, padding_value=self.pad_id)
-        rest_mask = pad_sequence([torch.ones_like(r) for r in rests], batch_first=True, padding_value=0)
-        context = prefix_mask[group_of]
-        positions = context.sum(dim=1, keepdim=True) + torch.arange(rest_ids.shape[1], device=device)
-        return self.model(input_ids=rest_ids, attention_mask=torch.cat([context, rest_mask], dim=1),
-                          position_ids=positions, past_key_values=cache, use_cache=True, **kwargs)
-
-    def prefix_groups(self, input_ids: Tensor, attention_mask: Tensor) -> list[tuple[list[int], int]] | None:
-        """`shared_prefixes` of right-padded rows (attended tokens first); None for any other layout."""
-        lengths = attention_mask.sum(dim=1)
-        if not torch.equal(attention_mask, (torch.arange(attention_mask.shape[1], device=lengths.device)
-                                            < lengths[:, None]).to(attention_mask.dtype)):
-            return None
-        rows = [ids[:n].tolist() for ids, n in zip(input_ids, lengths.tolist(), strict=True)]
-        # Where the classifier pools: the last token that is not the pad id, attended or not.
-        scored = [max((i for i, t in enumerate(row) if t != self.pad_id), default=-1) for row in rows]
-        if min(scored) < 1:
-            return None
-        return shared_prefixes(rows, scored)
+        output, _ = forward_with_shared_prefixes(self.model, rows, groups, self.pad_id, input_ids.device, **kwargs)
+        return output
 
 
 class GroupedRewardTrainer(RewardTrainer):

@@ -140,6 +140,28 @@ def test_attach_on_the_policy_base_scores_as_load_and_restores_the_policy(traine
         assert torch.equal(policy(input_ids=probe).logits, logits_before), "the policy is the policy again"
 
 
+def test_completions_of_one_prompt_score_as_alone_with_their_prompt_run_once(trained):
+    cfg = trained.recipe.model
+    saved = trained.stage_dir("rm") / "reward_model"
+    rows = marker_pairs(6, seed=3, chat=False)  # three prompts, two pairs each: four completions a prompt
+    prompts = [r["prompt"] for r in rows] * 2
+    completions = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    policy = load_trainable_model(cfg, resolve_model(cfg.base), trained.stage_dir("sft") / "adapter")
+    for rm in (RewardModel.load(saved, cfg), RewardModel.attach(policy, saved)):
+        alone = rm.score(prompts, completions, batch_size=1)  # a row a pass: nothing to share
+        call, rest_rows = rm._call, []
+
+        def counting(call=call, rest_rows=rest_rows, **inputs):  # rows scored against a cache of shared prefixes
+            if inputs.get("past_key_values") is not None:
+                rest_rows.append(len(inputs["input_ids"]))
+            return call(**inputs)
+
+        rm._call = counting
+        together = rm.score(prompts, completions, batch_size=12)
+        assert rest_rows == [12]
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
 def test_text_pairs_with_a_gold_gap_margin(tmp_path):
     rows = marker_pairs(4, seed=0, chat=False)
     for row, (chosen, rejected) in zip(rows, [(1.0, 0.0), (0.75, 0.5), (0.5, -1.5), (2.0, 1.5)], strict=True):
@@ -216,8 +238,14 @@ def test_score_runs_each_distinct_input_once_and_returns_scores_in_input_order(t
     prompts = [r["prompt"] for r in rows]
     completions = [r["chosen"] for r in rows]
     once = rm.score(prompts, completions)
-    forward, batch_rows = rm._forward, []
-    rm._forward = lambda ids, mask, pos: batch_rows.append(len(ids)) or forward(ids, mask, pos)
+    call, batch_rows = rm._call, []
+
+    def counting(**inputs):  # the rows of each pass that scores (not a pass over shared prefixes alone)
+        if inputs.get("past_key_values") is not None or not inputs["use_cache"]:
+            batch_rows.append(len(inputs["input_ids"]))
+        return call(**inputs)
+
+    rm._call = counting
     # All-pairs sets repeat each completion in several pairs: here every input three times, out of order.
     order = [2, 0, 1, 0, 2, 1, 1, 2, 0]
     repeated = rm.score([prompts[i] for i in order], [completions[i] for i in order], batch_size=2)

@@ -8,7 +8,16 @@ from peft import LoraConfig, get_peft_model
 
 from common.config import ModelConfig
 from common.models import load_base_model, resolve_model
-from reward_model.trainer import PromptGroupedSampler, ScoreEachSequenceOnce, prompt_groups, shared_prefixes
+from common.prefix_sharing import shared_prefixes
+from reward_model.trainer import PromptGroupedSampler, ScoreEachSequenceOnce, prompt_groups
+
+
+def rewards_and_grads(model, forward, ids, mask, weights):
+    """The rewards `forward` gives the rows, and the gradients of their weighted sum in `model`'s parameters."""
+    model.zero_grad()
+    logits = forward(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_prompt_groups_collect_the_rows_of_equal_prompts_chat_or_text():
@@ -47,17 +56,11 @@ def test_scoring_distinct_rows_once_gives_the_full_batch_rewards_and_gradients(t
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5, -1.0])
 
-    def rewards_and_grads(forward):
-        model.zero_grad()
-        logits = forward(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-        (logits * weights).sum().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    full, full_grads = rewards_and_grads(model)
+    full, full_grads = rewards_and_grads(model, model, ids, mask, weights)
     rows_seen = []
     hook = model.register_forward_pre_hook(lambda _, args, kwargs: rows_seen.append(len(kwargs["input_ids"])),
                                            with_kwargs=True)
-    once, once_grads = rewards_and_grads(ScoreEachSequenceOnce(model))
+    once, once_grads = rewards_and_grads(model, ScoreEachSequenceOnce(model), ids, mask, weights)
     hook.remove()
     # Six rows, four distinct; their common prefixes are too short to be worth a pass of their own.
     assert rows_seen == [4]
@@ -99,17 +102,11 @@ def test_running_each_prompt_once_gives_the_rewards_and_gradients_of_whole_rows(
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.5])
 
-    def rewards_and_grads(forward):
-        model.zero_grad()
-        logits = forward(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-        (logits * weights).sum().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    whole, whole_grads = rewards_and_grads(model)
+    whole, whole_grads = rewards_and_grads(model, model, ids, mask, weights)
     fed = []
     embed = model.get_base_model().model.embed_tokens
     hook = embed.register_forward_hook(lambda module, inputs, output: fed.append(tuple(inputs[0].shape)))
-    shared, shared_grads = rewards_and_grads(ScoreEachSequenceOnce(model))
+    shared, shared_grads = rewards_and_grads(model, ScoreEachSequenceOnce(model), ids, mask, weights)
     hook.remove()
     # The two prompts once (the longer, 8 tokens, sets the width), then each row's completion (at most 4 tokens):
     # 2 x 8 + 5 x 4 = 36 tokens instead of 5 x 12 = 60.
