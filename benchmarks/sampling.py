@@ -28,8 +28,10 @@ What it prints, part by part:
   stage's sampling (40 held-out prompts x 1, T=1, with log-probs as the eval stage asks).
 - forward: the eval stage's forward-only passes over its samples (--eval-prompts held-out prompts x 4, T=1, sampled
   once): the reference's log-probs for the KL estimate (`completion_logprobs` with the adapter active) un-folded and
-  folded (`common.lora_folding`, the fold and the restore timed in), and, with --reward-model, reward scoring of the
-  same completions by the saved reward model with its LoRA un-merged and merged (`RewardModel.load`).
+  folded (`common.lora_folding`, the fold and the restore timed in), and every row run whole against each prompt run
+  once for its samples (both folded); with --reward-model, reward scoring of the same completions by the saved reward
+  model with its LoRA un-merged and merged (`RewardModel.load`), and, merged, every row whole in length-sorted
+  batches against each shared prompt run once (`common.prefix_sharing`).
 - contention (--contention, not run by default): the prefs workload's sampler and one training step (causal-LM
   forward and backward of 8 x 192 tokens on the LoRA model, AdamW step, float32), each in a subprocess (thread
   settings act only before torch starts), alone and while one busy pure-Python process runs, for torch threads
@@ -60,7 +62,7 @@ import torch  # noqa: E402
 
 from benchmarks.bf16_training import step_seconds  # noqa: E402
 from common.config import LoraSpec, ModelConfig, native_bf16  # noqa: E402
-from common.generation import pad_left, response_logprobs  # noqa: E402
+from common.generation import pad_left, position_ids, response_logprobs  # noqa: E402
 from common.models import (  # noqa: E402
     load_base_model,
     load_for_inference,
@@ -381,12 +383,25 @@ def bench_forward(model: Any, tokenizer: Any, sizes: Sizes, repeats: int, reward
         unmerged = RewardModel.from_classifier(PeftModel.from_pretrained(base, str(reward_model)).eval(),
                                                merged.tokenizer, info["chat"], info["max_length"])
         texts = [scorer_text(p) for p in prompts for _ in range(FORWARD_SAMPLES)]
+
+        def whole_scores() -> None:
+            """Reward scores before shared prompts ran once: the distinct inputs in length-sorted batches of 16, every
+            row whole, through the merged model (`_call` is its forward)."""
+            encoded = sorted({tuple(merged.encode(t, c)) for t, c in zip(texts, samples.texts, strict=True)}, key=len)
+            with torch.no_grad():
+                for start in range(0, len(encoded), 16):
+                    batch = [list(ids) for ids in encoded[start:start + 16]]
+                    width = max(len(ids) for ids in batch)
+                    ids = torch.tensor([row + [pad] * (width - len(row)) for row in batch])
+                    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in batch])
+                    merged._call(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+
         rows.append(("reward scores", lambda: unmerged.score(texts, samples.texts),
                      lambda: merged.score(texts, samples.texts)))
+        rows.append(("RM: whole rows, prompt once", whole_scores, lambda: merged.score(texts, samples.texts)))
     print(f"\n[forward] the eval's passes over {len(samples.completions)} completions ({sizes.eval_prompts} held-out "
-          f"prompts x {FORWARD_SAMPLES}); LoRA un-folded vs folded (fold and restore included) / merged, and the "
-          f"reference pass running every row whole vs each prompt once for its samples (both folded); median of "
-          f"{repeats} after a warm-up")
+          f"prompts x {FORWARD_SAMPLES}); LoRA un-folded vs folded (fold and restore included) / merged, and "
+          f"every row run whole vs each prompt once for its samples; median of {repeats} after a warm-up")
     print(f"{'pass':<28} {'before s':>8} {'after s':>9} {'speed-up':>9}")
     for name, plain, fast in rows:
         plain(), fast()  # warm-up
