@@ -73,6 +73,15 @@ def last_not(rows: list[list[int]], token: int) -> list[int]:
     return [max((i for i, t in enumerate(row) if t != token), default=-1) for row in rows]
 
 
+def grouped_rows(input_ids: Tensor, attention_mask: Tensor, pad_id: int) -> tuple[list[list[int]], Groups] | None:
+    """The rows of a batch scored at their last token that is not `pad_id` (a sequence classifier's pooling) and
+    their `shared_prefixes` groups; None when the rows are not right-padded or sharing would not pay."""
+    rows = right_padded_rows(input_ids, attention_mask)
+    scored = last_not(rows, pad_id) if rows else None
+    groups = shared_prefixes(rows, scored) if scored and min(scored) >= 1 else None
+    return None if groups is None else (rows, groups)
+
+
 def forward_with_shared_prefixes(call: Callable[..., Any], rows: list[list[int]], groups: Groups, pad_id: int,
                                  device: torch.device, **kwargs: Any) -> tuple[Any, Tensor]:
     """`call` (a model's forward: input_ids, attention_mask, position_ids, past_key_values, use_cache, **kwargs) over

@@ -47,7 +47,7 @@ from common.config import ModelConfig
 from common.errors import InputError
 from common.generation import position_ids
 from common.models import load_base_model, resolve_model
-from common.prefix_sharing import forward_with_shared_prefixes, last_not, right_padded_rows, shared_prefixes
+from common.prefix_sharing import forward_with_shared_prefixes, grouped_rows
 from common.sampling import Messages, as_messages
 
 log = logging.getLogger(__name__)
@@ -206,11 +206,9 @@ class RewardModel:
         """
         ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
         pad_id = self.tokenizer.pad_token_id
-        rows = right_padded_rows(ids, mask)
-        scored = last_not(rows, pad_id) if rows else None
-        groups = shared_prefixes(rows, scored) if scored and min(scored) >= 1 else None
-        if groups is None:
+        grouped = grouped_rows(ids, mask, pad_id)
+        if grouped is None:
             output = self._call(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
             return self._pool(output, mask).float().cpu()
-        output, rest_mask = forward_with_shared_prefixes(self._call, rows, groups, pad_id, self.device)
+        output, rest_mask = forward_with_shared_prefixes(self._call, *grouped, pad_id, self.device)
         return self._pool(output, rest_mask).float().cpu()

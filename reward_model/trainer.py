@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 from trl import RewardTrainer
 
-from common.prefix_sharing import forward_with_shared_prefixes, last_not, right_padded_rows, shared_prefixes
+from common.prefix_sharing import forward_with_shared_prefixes, grouped_rows
 
 
 def prompt_groups(prompts: list[Any]) -> list[list[int]]:
@@ -87,13 +87,11 @@ class ScoreEachSequenceOnce:
         return out
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
-        rows = right_padded_rows(input_ids, attention_mask) if self.share_prefixes else None
-        scored = last_not(rows, self.pad_id) if rows else None
-        groups = shared_prefixes(rows, scored) if scored and min(scored) >= 1 else None
-        if groups is None:
+        grouped = grouped_rows(input_ids, attention_mask, self.pad_id) if self.share_prefixes else None
+        if grouped is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("use_cache", None)
-        output, _ = forward_with_shared_prefixes(self.model, rows, groups, self.pad_id, input_ids.device, **kwargs)
+        output, _ = forward_with_shared_prefixes(self.model, *grouped, self.pad_id, input_ids.device, **kwargs)
         return output
 
 
