@@ -210,5 +210,5 @@ class RewardModel:
         if grouped is None:
             output = self._call(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
             return self._pool(output, mask).float().cpu()
-        output, rest_mask = forward_with_shared_prefixes(self._call, *grouped, pad_id, self.device)
-        return self._pool(output, rest_mask).float().cpu()
+        passes = forward_with_shared_prefixes(self._call, *grouped, pad_id, self.device)
+        return self._pool(passes.rests, passes.rest_mask).float().cpu()

@@ -91,8 +91,7 @@ class ScoreEachSequenceOnce:
         if grouped is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("use_cache", None)
-        output, _ = forward_with_shared_prefixes(self.model, *grouped, self.pad_id, input_ids.device, **kwargs)
-        return output
+        return forward_with_shared_prefixes(self.model, *grouped, self.pad_id, input_ids.device, **kwargs).rests
 
 
 class GroupedRewardTrainer(RewardTrainer):
