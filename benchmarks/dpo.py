@@ -1,6 +1,7 @@
 """Benchmark: the DPO stage's speed and memory; prints figures, asserts nothing.
 
-The DPO stage's step time with `precompute_ref_log_probs` off and on, and the peak RSS of LoRA-DPO whose
+The DPO stage's step time with each pair's prompt run once for its two rows (`common.prefix_sharing`, as the stage
+trains) against every row run whole, with `precompute_ref_log_probs` off and on, and the peak RSS of LoRA-DPO whose
 reference is a frozen adapter (what the stage does) next to the same LoRA-DPO holding a separate full reference
 model (the base with the SFT adapter merged in). Every configuration runs in its own process, for a clean peak
 RSS, on the same SFT adapter and the same preference pairs (the shipped SFT reviews, each paired with the next
@@ -15,6 +16,7 @@ benchmarks/default_chain.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -65,7 +67,7 @@ def write_speed_recipe(workdir: Path, model: str, steps: int, batch: int, pairs:
             f.write(json.dumps({"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}) + "\n")
     recipe = {
         "name": "dpo-speed",
-        "model": {"base": model, "dtype": "float32", "lora": {"r": 16, "alpha": 32, "dropout": 0.05}},
+        "model": {"base": model, "dtype": "float32", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
         "stages": {
             "sft": {"kind": "sft", "data": {"path": str(SENTIMENT / "sft.jsonl"), "test_size": 0},
                     "args": {"max_steps": 1, "per_device_train_batch_size": 2, "save_strategy": "no"}},
@@ -98,9 +100,11 @@ def full_copy_trainer(cfg, ctx, callbacks):
                       callbacks=callbacks)
 
 
-def speed_worker(recipe_path: str, run_root: str, reference: str, precompute: bool) -> None:
+def speed_worker(recipe_path: str, run_root: str, reference: str, precompute: bool, share: bool) -> None:
+    from common.fused_head import completion_positions_only
+    from common.prefix_sharing import trunk_shares_prefixes
     from common.runs import Run, StageContext
-    from dpo.stage import build_trainer, completion_positions_only
+    from dpo.stage import build_trainer
     from recipes.runner import load
 
     recipe, _ = load(recipe_path, [f"stages.dpo.args.precompute_ref_log_probs={str(precompute).lower()}"])
@@ -111,7 +115,8 @@ def speed_worker(recipe_path: str, run_root: str, reference: str, precompute: bo
     with completion_positions_only():  # as the stage trains, so that only the reference differs
         trainer = build(recipe.stages["dpo"], ctx, [timer])
         setup = time.perf_counter() - started
-        trainer.train()
+        with trunk_shares_prefixes(trainer.model) if share else contextlib.nullcontext():
+            trainer.train()
     steps = timer.seconds[1:]  # the first step warms up allocators and kernels
     print(json.dumps({"setup_s": setup, "step_s": statistics.median(steps), "step_min_s": min(steps),
                       "train_rss_mb": timer.train_rss_mb,
@@ -126,25 +131,28 @@ def speed(args) -> None:
     recipe = write_speed_recipe(workdir, args.model, args.steps, args.batch, args.pairs)
     run = run_recipe(recipe, RunOptions(overrides=[], stage="sft", output_dir=workdir / "runs", run_id="bench",
                                         overwrite=True))
-    configs = [("adapter", False), ("adapter", True), ("full copy", False)]
+    configs = [("adapter", False, False), ("adapter", False, True), ("adapter", True, True), ("full copy", False, True)]
     results = {}
-    for reference, precompute in configs:
-        print(f"--- reference = {reference}, precompute_ref_log_probs = {precompute}", file=sys.stderr, flush=True)
+    for reference, precompute, share in configs:
+        print(f"--- reference = {reference}, precompute_ref_log_probs = {precompute}, prompts once = {share}",
+              file=sys.stderr, flush=True)
         out = subprocess.run([sys.executable, __file__, "_speed_worker", str(recipe), str(run.root), reference,
-                              str(precompute)], stdout=subprocess.PIPE, text=True, check=True)  # progress: stderr
-        results[reference, precompute] = json.loads(out.stdout.strip().splitlines()[-1])
+                              str(precompute), str(share)], stdout=subprocess.PIPE, text=True, check=True)
+        results[reference, precompute, share] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\nDPO speed and memory: {args.model}, LoRA r=16 on all linear layers, batch {args.batch} pairs, "
           f"{args.steps} steps (median step after the first), max_length 256, CPU threads "
           f"{__import__('torch').get_num_threads()}")
-    print(f"{'reference':<12}{'precompute':<12}{'setup s':>9}{'step s':>9}{'min step s':>12}{'train RSS MB':>14}"
-          f"{'peak RSS MB':>13}")
-    for (reference, precompute), r in results.items():
-        print(f"{reference:<12}{str(precompute):<12}{r['setup_s']:>9.1f}{r['step_s']:>9.2f}{r['step_min_s']:>12.2f}"
-              f"{r['train_rss_mb']:>14.0f}{r['peak_rss_mb']:>13.0f}")
-    off, on = results["adapter", False], results["adapter", True]
+    print(f"{'reference':<12}{'precompute':<12}{'prompts':<9}{'setup s':>9}{'step s':>9}{'min step s':>12}"
+          f"{'train RSS MB':>14}{'peak RSS MB':>13}")
+    for (reference, precompute, share), r in results.items():
+        print(f"{reference:<12}{str(precompute):<12}{'once' if share else 'per row':<9}{r['setup_s']:>9.1f}"
+              f"{r['step_s']:>9.2f}{r['step_min_s']:>12.2f}{r['train_rss_mb']:>14.0f}{r['peak_rss_mb']:>13.0f}")
+    whole, off, on = results["adapter", False, False], results["adapter", False, True], results["adapter", True, True]
+    print(f"each pair's prompt once: step time x{off['step_s'] / whole['step_s']:.2f} "
+          f"({whole['step_s']:.2f} -> {off['step_s']:.2f} s)")
     print(f"precompute: step time x{on['step_s'] / off['step_s']:.2f}, one-off reference pass "
           f"{on['setup_s'] - off['setup_s']:.1f} s over {args.pairs} pairs")
-    full = results["full copy", False]
+    full = results["full copy", False, True]
     print(f"separate full reference: peak RSS {full['peak_rss_mb'] - off['peak_rss_mb']:+.0f} MB, training RSS "
           f"{full['train_rss_mb'] - off['train_rss_mb']:+.0f} MB, "
           f"step time x{full['step_s'] / off['step_s']:.2f}")
@@ -152,8 +160,8 @@ def speed(args) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_speed_worker":
-        recipe, root, reference, precompute = sys.argv[2:6]
-        speed_worker(recipe, root, reference, precompute == "True")
+        recipe, root, reference, precompute, share = sys.argv[2:7]
+        speed_worker(recipe, root, reference, precompute == "True", share == "True")
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")

@@ -47,7 +47,9 @@ from trl import DPOConfig, DPOTrainer
 from common.config import Recipe, StageConfig, check_reward_stage
 from common.data import load_splits
 from common.errors import InputError
+from common.fused_head import completion_positions_only
 from common.models import load_for_inference, load_tokenizer, load_trainable_model, resolve_model
+from common.prefix_sharing import trunk_shares_prefixes
 from common.runs import StageContext, StageResult, atomic_write_json, atomic_write_text
 from common.sampling import (
     DEFAULT_TOKEN_BUDGET,
@@ -58,7 +60,7 @@ from common.sampling import (
     scorer_text,
 )
 from common.tracking import MetricsCallback, Tracker
-from dpo.stage import FINAL_METRICS, check_dpo_options, completion_positions_only, preference_pairs
+from dpo.stage import FINAL_METRICS, check_dpo_options, preference_pairs
 from judge import JudgeConfig
 from preferences.pairs import check_pair_options, form_pairs
 from preferences.scorers import build_scorer
@@ -198,7 +200,8 @@ def run_round(cfg: OnlineDPOStage, ctx: StageContext, round_: int, policy: Path,
                              callbacks=[metrics_cb])
         if policy != reference:  # trl's "ref" is a copy of the policy it starts from: make it the reference
             set_peft_model_state_dict(trainer.model, load_peft_weights(str(reference)), adapter_name="ref")
-        trainer.train()
+        with trunk_shares_prefixes(trainer.model):  # a pair's prompt once for its chosen and rejected rows
+            trainer.train()
     tracker.close()
     trainer.model.delete_adapter("ref")
     trainer.save_model(str(out / "adapter"))

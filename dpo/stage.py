@@ -20,22 +20,22 @@ names without `eval/`. Output: `adapter/`, a PEFT adapter + tokenizer that `Peft
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 import re
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
-import trl.trainer.utils
+import trl
 from trl import DPOConfig, DPOTrainer
 
 from common.config import Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
+from common.fused_head import completion_positions_only
 from common.models import load_base_model, load_tokenizer, load_trainable_model, lora_config, resolve_model
+from common.prefix_sharing import trunk_shares_prefixes
 from common.runs import StageContext, StageResult, train_and_evaluate
 from common.tracking import MetricsCallback, Tracker
 
@@ -110,29 +110,6 @@ def check_dpo_options(args: DPOConfig, where: str) -> None:
                          "reference as an adapter; remove it")
 
 
-@contextlib.contextmanager
-def completion_positions_only() -> Iterator[None]:
-    """Within the block, trl's fused LM head projects only the completion positions on every device, as it does on
-    CUDA; the process is left as it was after it.
-
-    trl 1.16 (utils.add_fused_lm_head) projects only the positions whose label is not -100 when `_use_triton(device)`
-    is true, and every position otherwise, so that tile shapes stay fixed for compilers such as Neuron's. On CPU that
-    runs the LM head, its softmax statistics and their backward over the prompt positions too, whose log-probs are
-    then zeroed: about half of a DPO step on the default task (prompts are longer than the reviews). The log-probs,
-    the loss and every logged metric are the same either way (tests/stages/test_dpo.py); DPO steps take half the
-    time. `trl.trainer.utils._use_triton` is private, so it is replaced only while the DPO trainer is built (the
-    reference log-probs may be precomputed there) and runs, then restored: other trainers in the process (a chain
-    runs several) see trl as shipped. The choice of kernel is `trl.kernels.chunked_logprob._use_triton`, a separate
-    name, left alone.
-    """
-    shipped = trl.trainer.utils._use_triton
-    trl.trainer.utils._use_triton = lambda device: True
-    try:
-        yield
-    finally:
-        trl.trainer.utils._use_triton = shipped
-
-
 def preference_pairs(ds: datasets.Dataset) -> datasets.Dataset:
     """The three columns DPO trains on; provenance columns (scores, ids) stay in the data files."""
     return ds.select_columns(["prompt", "chosen", "rejected"])
@@ -170,7 +147,8 @@ def train(cfg: DPOStage, ctx: StageContext) -> StageResult:
     metrics_cb = MetricsCallback(tracker)
     with completion_positions_only():
         trainer = build_trainer(cfg, ctx, [metrics_cb])
-        train_and_evaluate(trainer, ctx)  # ends with held-out implicit-reward accuracy and margins
+        with trunk_shares_prefixes(trainer.model):  # a pair's prompt once for its chosen and rejected rows
+            train_and_evaluate(trainer, ctx)  # ends with held-out implicit-reward accuracy and margins
     tracker.close()
 
     # The output is the policy alone: save_pretrained would also write the frozen reference copy as adapter/ref/.

@@ -16,10 +16,12 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from common.fused_head import completion_positions_only
 from common.models import load_base_model, load_tokenizer, resolve_model
+from common.prefix_sharing import trunk_shares_prefixes
 from common.runs import Run, StageContext
 from common.tracking import read_metrics
-from dpo.stage import LOSS_TYPES, build_trainer, completion_positions_only
+from dpo.stage import LOSS_TYPES, build_trainer
 from recipes.cli import main
 from recipes.runner import RunOptions, load, run_recipe
 from tests.conftest import write_jsonl
@@ -109,6 +111,44 @@ def test_lm_head_scores_only_completion_positions_with_the_log_probs_of_scoring_
     assert projected == [int((labels[:, 1:] != -100).sum()), labels[:, 1:].numel()]
     assert projected[0] < projected[1] / 2, "the prompt positions are most of a pair's tokens here"
     torch.testing.assert_close(compact, full, rtol=0, atol=1e-6)
+
+
+def test_a_pairs_prompt_runs_once_with_the_log_probs_and_gradients_of_whole_rows(recipe_file, tmp_path):
+    path = write_recipe(tmp_path, dpo_recipe(recipe_file, tmp_path, preference_rows(16, chat=True)))
+    run = run_recipe(path, RunOptions(overrides=[], stage="sft", output_dir=tmp_path / "runs"))
+    trainer = build_trainer(run.recipe.stages["dpo"], StageContext(run, "dpo"))
+    batch = next(iter(trainer.get_train_dataloader()))  # 8 pairs: [chosen rows, rejected rows], right-padded
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    model = trainer.model
+    fed = []
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: fed.append(inputs[0].numel()))
+
+    def log_probs_and_grads():
+        model.zero_grad()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    fused_lm_head=True).log_probs
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with completion_positions_only():
+        whole, whole_grads = log_probs_and_grads()
+        with trunk_shares_prefixes(model):
+            shared, shared_grads = log_probs_and_grads()
+        assert "forward" not in model.get_base_model().base_model.__dict__, "the trunk is as shipped after the block"
+        again, _ = log_probs_and_grads()
+
+    pairs = len(batch["input_ids"]) // 2
+    prompt_len = [int((m == 0).sum() - (a == 0).sum()) for m, a in zip(batch["completion_mask"],
+                                                                        batch["attention_mask"], strict=True)]
+    # Whole rows, then the prefixes' pass and the rests', then whole rows again. The pairs' rows share their prompts:
+    # each runs once, so the two passes feed fewer tokens than the whole rows less half the prompts' tokens.
+    assert len(fed) == 4 and fed[0] == fed[3] == batch["input_ids"].numel()
+    assert fed[1] + fed[2] < fed[0] - sum(prompt_len[:pairs]) / 2, (fed, prompt_len)
+    torch.testing.assert_close(shared, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(again, whole, rtol=0, atol=0)
+    assert whole_grads.keys() == shared_grads.keys() and any("lora_" in n for n in whole_grads)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_beta_sweep_runs_one_stage_per_value_with_reloadable_adapters_and_trl_metric_names(recipe_file, tmp_path):
