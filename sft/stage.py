@@ -16,7 +16,9 @@ from trl import SFTConfig, SFTTrainer
 from common.config import Recipe, StageConfig
 from common.data import load_splits
 from common.errors import InputError
+from common.fused_head import completion_positions_only
 from common.models import load_for_inference, load_tokenizer, load_trainable_model, resolve_model
+from common.prefix_sharing import trunk_shares_prefixes
 from common.runs import StageContext, StageResult, train_and_evaluate
 from common.tracking import MetricsCallback, Tracker
 
@@ -57,9 +59,12 @@ def train(cfg: SFTStage, ctx: StageContext) -> StageResult:
     recipe = ctx.recipe
     tracker = Tracker(ctx.dir, recipe.report_to, f"{recipe.name}/{ctx.name}", ctx.is_main, cfg.args)
     metrics_cb = MetricsCallback(tracker, perplexity=True)
-    trainer = build_trainer(cfg, ctx, [metrics_cb])
+    with completion_positions_only():
+        trainer = build_trainer(cfg, ctx, [metrics_cb])
+        # The chat template's system prompt, which every row opens with, runs once a batch.
+        with trunk_shares_prefixes(trainer.model):
+            train_and_evaluate(trainer, ctx)  # logs loss/eval and eval/perplexity through the callback
     tokenizer = trainer.processing_class
-    train_and_evaluate(trainer, ctx)  # logs loss/eval and eval/perplexity through the callback
     tracker.close()
 
     out = "adapter" if recipe.model.lora is not None else "model"

@@ -9,7 +9,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from common.fused_head import completion_positions_only
 from common.models import load_base_model, load_tokenizer, resolve_model
+from common.prefix_sharing import trunk_shares_prefixes
 from common.runs import Run, StageContext
 from common.tracking import read_metrics
 from recipes.runner import RunOptions, load, run_recipe
@@ -31,6 +33,33 @@ def test_lora_changes_and_base_stays_bit_identical(recipe_file, tmp_path):
     changed = [k for k, v in lora_before.items() if not torch.equal(params[k], v)]
     # LoRA's B starts at zero, so every B must have moved (A moves once B is non-zero).
     assert all(k in changed for k in lora_before if "lora_B" in k)
+
+
+def test_the_prefix_rows_share_runs_once_and_the_head_scores_completions_with_the_loss_and_gradients_of_whole_rows(
+        recipe_file, tmp_path):
+    recipe, raw = load(recipe_file(), FAST)
+    run = Run.create(recipe, "", raw, [], output_dir=tmp_path / "runs")
+    trainer = build_trainer(recipe.stages["sft"], StageContext(run, "sft"))
+    model = trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))  # right-padded; loss on the completions only
+    fed = []
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: fed.append(inputs[0].numel()))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = loss_and_grads()
+    with completion_positions_only(), trunk_shares_prefixes(model):
+        shared, shared_grads = loss_and_grads()
+    # The rows open alike ("What is the colour of ..."): the prefixes' pass and the rests' feed fewer tokens.
+    assert len(fed) == 3 and fed[1] + fed[2] < fed[0] == batch["input_ids"].numel()
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    assert whole_grads.keys() == shared_grads.keys() and any("lora_" in n for n in whole_grads)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_loss_falls_on_a_memorisable_set_and_adapter_reloads(recipe_file, tmp_path):
