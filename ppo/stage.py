@@ -25,6 +25,7 @@ from common.config import autocasts_bf16
 from common.data import Splits, load_splits
 from common.errors import InputError
 from common.models import load_tokenizer, resolve_model
+from common.prefix_sharing import trunk_shares_prefixes
 from common.runs import StageContext, StageResult
 from common.sampling import scorer_text
 from common.schema import to_dict
@@ -113,7 +114,10 @@ def run_trainer(make: Callable[[Tracker], OnPolicyTrainer], args: Any, ctx: Stag
     """Train (resuming when the run is resumed) with a tracker over the stage directory; the final metrics."""
     tracker = Tracker(ctx.dir, ctx.recipe.report_to, f"{ctx.recipe.name}/{ctx.name}", ctx.is_main, to_dict(args))
     try:
-        return make(tracker).train(resume=ctx.resume)
+        trainer = make(tracker)
+        # The rows' shared openings (a group's prompt, the chat template's system prompt) run once a forward pass.
+        with trunk_shares_prefixes(trainer.model.peft):
+            return trainer.train(resume=ctx.resume)
     finally:
         tracker.close()
 
