@@ -18,6 +18,10 @@ metrics.jsonl and done.json), and every threshold is in `RULES`, here and nowher
   fires when the last smoothed value is below the peak by more than `min_drop` of the rise from the first value to
   the peak (any drop when the peak is the first value).
 - `kept_not_last`: with keep_best: gold, the stage saved an earlier step's policy than the last (done.json).
+- `rm_near_chance`: a reward model whose held-out gold accuracy (done.json: `eval/gold_accuracy` over
+  `eval/gold_pairs`) is less than z binomial standard errors above chance (0.5): PPO, GRPO or Best-of-N optimising
+  it chase noise, whatever their learned reward says. A prompt's pairs are not independent, so the real uncertainty
+  is wider than the flag's.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ RULES: dict[str, Rule] = {rule.name: rule for rule in (
          "the gold score of the rollouts (mean of {window} steps) ended {min_drop:.0%} of its rise or more below its "
          "peak"),
     Rule("kept_not_last", {}, "keep_best: gold kept an earlier step's policy than the last"),
+    Rule("rm_near_chance", {"z": 1.96},
+         "a reward model's held-out gold accuracy is less than {z} standard errors above chance"),
 )}
 
 
@@ -155,7 +161,7 @@ def gold_peak(rows: Sequence[Mapping[str, Any]], key: str = "objective/gold_scor
 
 
 def training_flags(stage: str, done: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[Flag]:
-    """gold_past_peak from a stage's metrics rows; kept_not_last from its done.json."""
+    """gold_past_peak from a stage's metrics rows; kept_not_last and rm_near_chance from its done.json."""
     flags = []
     peak = gold_peak(rows)
     if peak is not None and peak.fell:
@@ -170,6 +176,13 @@ def training_flags(stage: str, done: Mapping[str, Any], rows: Sequence[Mapping[s
                           f"{stage}: keep_best: gold kept step {metrics['heldout/best_step']:.0f}'s policy (held-out "
                           f"gold {metrics['heldout/best_gold_scores']:.3f}); the last step's scored "
                           f"{metrics['heldout/last_gold_scores']:.3f}"))
+    accuracy, pairs = metrics.get("eval/gold_accuracy"), metrics.get("eval/gold_pairs")
+    if accuracy is not None and pairs:
+        reach = RULES["rm_near_chance"].thresholds["z"] * math.sqrt(0.25 / pairs)  # z binomial SEs at p = 0.5
+        if accuracy - 0.5 < reach:
+            flags.append(Flag("rm_near_chance", stage,
+                              f"{stage}: held-out gold accuracy {accuracy:.3f} over {pairs:.0f} pairs is within "
+                              f"{reach:.3f} of chance (0.5): a policy optimising this reward model chases noise"))
     return flags
 
 

@@ -33,8 +33,9 @@ longer than `args.max_length` (default 1024); the count is logged.
 Metrics (trl's, under lab names): `loss/train`, `train/accuracy`, `train/margin`, `train/mean_reward`, ...; held out,
 after training: `loss/eval`, `eval/accuracy` (share of test pairs with r_c > r_r, against the test labels, which
 carry the label noise), `eval/margin` (mean r_c - r_r) and, when the pairs carry gold scores, `eval/gold_accuracy`:
-agreement with the gold scorer's (noise-free) order, gold ties left out, and the same within each third of the
-test pairs by gold-score gap (`eval/gold_accuracy_small_gaps`, `_middle_gaps`, `_large_gaps`).
+agreement with the gold scorer's (noise-free) order, gold ties left out, over `eval/gold_pairs` pairs, and the same
+within each third of the test pairs by gold-score gap (`eval/gold_accuracy_small_gaps`, `_middle_gaps`,
+`_large_gaps`).
 
 Output (key `reward_model`): `reward_model/` with the PEFT adapter (task SEQ_CLS; the head saved with it, so
 `PeftModel.from_pretrained` on a sequence-classification base reloads it whole), the tokenizer,
@@ -146,14 +147,14 @@ def is_chat(ds: datasets.Dataset) -> bool:
 
 def gold_accuracy(rm: RewardModel, pairs: datasets.Dataset) -> dict[str, float]:
     """Agreement of the reward model's order with the gold scores' (noise-free labels), gold ties left out: over all
-    pairs (`eval/gold_accuracy`) and within each third of them by gold-score gap (`eval/gold_accuracy_small_gaps`,
-    `_middle_gaps`, `_large_gaps`)."""
+    pairs (`eval/gold_accuracy`, over `eval/gold_pairs` pairs: how far from chance it can tell) and within each third
+    of them by gold-score gap (`eval/gold_accuracy_small_gaps`, `_middle_gaps`, `_large_gaps`)."""
     chosen = rm.score(pairs["prompt"], pairs["chosen"])
     rejected = rm.score(pairs["prompt"], pairs["rejected"])
     gold = torch.tensor(pairs["score_chosen"], dtype=torch.float64) - torch.tensor(pairs["score_rejected"],
                                                                                    dtype=torch.float64)
     by_gap = gold_agreement_by_gap(chosen - rejected, gold)
-    return {"eval/gold_accuracy": gold_agreement(chosen - rejected, gold),
+    return {"eval/gold_accuracy": gold_agreement(chosen - rejected, gold), "eval/gold_pairs": float((gold != 0).sum()),
             **{f"eval/gold_accuracy_{third}_gaps": acc for third, acc in by_gap.items()}}
 
 

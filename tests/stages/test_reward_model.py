@@ -77,6 +77,7 @@ def test_learns_a_marker_preference_to_90_percent_held_out(trained):
     assert done["outputs"] == {"reward_model": "reward_model"}
     assert done["metrics"]["eval/accuracy"] >= 0.9
     assert done["metrics"]["eval/gold_accuracy"] >= 0.9
+    assert done["metrics"]["eval/gold_pairs"] == 16
     # 16 held-out pairs, thirds of 6, 5 and 5 (equal gold gaps, so held in file order) that make up the whole.
     thirds = [done["metrics"][f"eval/gold_accuracy_{third}_gaps"] for third in ("small", "middle", "large")]
     assert (6 * thirds[0] + 5 * thirds[1] + 5 * thirds[2]) / 16 == pytest.approx(done["metrics"]["eval/gold_accuracy"])

@@ -121,6 +121,20 @@ def test_kept_not_last_reads_done_json():
     assert training_flags("ppo", done, []) == []
 
 
+def test_rm_near_chance_reads_gold_accuracy_against_its_binomial_reach():
+    def done(accuracy, pairs):
+        return {"metrics": {"eval/gold_accuracy": accuracy, "eval/gold_pairs": pairs}}
+
+    # 64 pairs: 1.96 * sqrt(0.25 / 64) = 0.1225 above 0.5.
+    assert [f.text for f in training_flags("rm", done(0.477, 64.0), [])] == [
+        "rm: held-out gold accuracy 0.477 over 64 pairs is within 0.122 of chance (0.5): a policy optimising this "
+        "reward model chases noise"]
+    assert [f.rule for f in training_flags("rm", done(0.62, 64.0), [])] == ["rm_near_chance"]
+    assert training_flags("rm", done(0.625, 64.0), []) == []
+    assert training_flags("rm", done(0.62, 400.0), []) == [], "more pairs, a shorter reach (0.049)"
+    assert training_flags("rm", {"metrics": {"eval/gold_accuracy": 0.5}}, []) == [], "no pair count: no evidence"
+
+
 def test_result_flags_gathers_every_rule():
     models = {"sft": gen(29, 0.6), "ppo": gen(8, 0.6) | judged(0.0) | mc(0.25, 0.04, {"A": 1.0})}
     assert [f.rule for f in result_flags(models, "sft")] == ["length_shift", "judge_position_bias", "mc_one_letter"]
