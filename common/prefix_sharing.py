@@ -176,6 +176,7 @@ def trunk_shares_prefixes(model: nn.Module) -> Iterator[None]:
     def runs_whole(args: tuple, kwargs: dict[str, Any]) -> bool:
         ids, mask, positions = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("position_ids")
         return (bool(args) or ids is None or mask is None or len(ids) < 2 or kwargs.get("use_cache") is not False
+                or kwargs.get("return_dict") is False  # a tuple, which has no last_hidden_state to rebuild
                 or any(k not in PLAIN_ARGUMENTS and v is not None and v is not False for k, v in kwargs.items())
                 or (backbone.training and getattr(backbone, "gradient_checkpointing", False))
                 or (positions is not None

@@ -61,12 +61,15 @@ def test_left_padded_rollouts_get_the_log_probs_and_gradients_of_whole_rows_from
     whole, whole_grads = logprobs_and_grads()
     with trunk_shares_prefixes(model):
         shared, shared_grads = logprobs_and_grads()
-        with torch.no_grad():  # a call with a cache, as generation makes, runs the rows whole
+        with torch.no_grad():  # a call with a cache, as generation makes, and one asking for a tuple run rows whole
             model(input_ids=ids, attention_mask=mask, use_cache=True)
+            trunk_out = model.get_base_model().base_model(input_ids=ids, attention_mask=mask, use_cache=False,
+                                                          return_dict=False)
     assert "forward" not in model.get_base_model().base_model.__dict__, "the trunk is as shipped after the block"
 
     # Whole: 3 rows x 13 columns. Shared: the system prompt once (6), then the rests (3 rows x the longest, 7).
-    assert fed == [39, 6, 21, 39]
+    assert fed == [39, 6, 21, 39, 39]
+    assert isinstance(trunk_out, tuple)
     torch.testing.assert_close(shared[response_mask], whole[response_mask], atol=1e-5, rtol=0)
     assert whole_grads.keys() == shared_grads.keys() and any("lora_" in n for n in whole_grads)
     for name, grad in whole_grads.items():
