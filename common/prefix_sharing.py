@@ -1,13 +1,14 @@
 """Forward passes that run a prefix several rows share once: a prompt's completions scored by a reward model, the
 two sides of preference pairs, rows that open with the same system prompt.
 
-`shared_prefixes` groups the rows; `forward_with_shared_prefixes` runs each group's prefix once, with its KV cache,
-copies the cache to the group's rows and runs the rows' rests against it. The outputs equal the whole rows' up to
-float rounding; gradients flow back through the copies into the prefixes' pass. The rows must be right-padded
-(attended tokens first), as trl collates them; the model must take `past_key_values` (every transformers decoder
-does). `trunk_shares_prefixes` does the same inside a causal LM's trunk, for trainers that call the whole model
-(trl's DPO): they get every row's hidden states, each shared prefix run once.
-"""
+`shared_prefixes` groups the rows (lists of their attended tokens); `forward_with_shared_prefixes` runs each group's
+prefix once, with its KV cache, copies the cache to the group's rows and runs the rows' rests against it. The
+outputs equal the whole rows' up to float rounding; gradients flow back through the copies into the prefixes' pass.
+The model must take `past_key_values` (every transformers decoder does). Two ways in:
+- a model called directly on right-padded rows (the reward model's classifier: `grouped_rows`, then
+  `forward_with_shared_prefixes`), which reads the rests' outputs;
+- `trunk_shares_prefixes`, inside a causal LM's trunk, for trainers that call the whole model (trl's SFT and DPO,
+  PPO's and GRPO's passes): they get every row's hidden states, left- or right-padded, as if each ran whole."""
 
 from __future__ import annotations
 
